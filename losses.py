@@ -1,0 +1,224 @@
+"""The loss and metric math of SAE-FT, as short pure functions on tensors.
+
+Every function here is one quantity of the paper (Morelli et al. 2026, "Sparse Autoencoders enable
+Robust and Interpretable Fine-tuning of CLIP models"); section numbers (§) are the paper's, and
+`METHOD.md` in the shared docs gives each formula. Shapes: B = batch, d = embedding width,
+n = number of SAE latents (dictionary atoms).
+
+    x  = normalise(f_θ(img))    (B, d)   fine-tuned embedding, unit norm
+    x0 = normalise(f_0(img))    (B, d)   zero-shot embedding, unit norm, never gets a gradient
+    z  = E(x), z0 = E(x0)       (B, n)   Top-k SAE codes (z ≥ 0, at most k non-zeros per row)
+    Δx = x − x0,  Δz = z − z0
+
+Reductions are means over all elements (as in the authors' code) so their weights carry over.
+Nothing here owns parameters: the SAE module (`sae.py`) and the stages call these functions.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# Top-k SAE (§3; Gao et al. 2024). The encoder math lives here, not in sae.py, so the
+# regulariser below can run it with *detached* SAE parameters: the frozen SAE can then never
+# receive a gradient, whatever its requires_grad flags say.
+# --------------------------------------------------------------------------------------------
+
+
+def topk_encode(x, W_enc, b_enc, b_dec, k):
+    """z = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)), with x̂ = x / ||x||.
+
+    x (B, d) any scale — normalised here, so the SAE always sees the scale it was trained on;
+    W_enc (n, d), b_enc (n,), b_dec (d,). Per-sample TopK (not batch TopK): the code of one
+    image never depends on the rest of the batch. Returns (z (B, n), pre (B, n)), where `pre` are
+    the pre-activations (AuxK needs them).
+    """
+    x = F.normalize(x, dim=-1)
+    pre = (x - b_dec) @ W_enc.T + b_enc                        # (B, n)
+    top = pre.topk(k, dim=-1)
+    z = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+    return z, pre
+
+
+def fvu(x, x_hat):
+    """Fraction of variance unexplained, Σ||x − x̂||² / Σ||x − mean(x)||²  (x, x_hat: (B, d)).
+
+    0 for a perfect reconstruction, 1 for predicting the batch mean, > 1 when worse than that.
+    Used both as the SAE training loss (§3) and as the drift metric of §4.
+    """
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def auxk_reconstruction(pre, dead, W_dec, k_aux):
+    """ê = W_dec · ReLU(TopK_{k_aux}(pre restricted to dead latents))  (Gao et al. 2024, AuxK).
+
+    pre (B, n) SAE pre-activations, dead (n,) bool, W_dec (d, n). k_aux is capped at the number
+    of dead latents. Returns ê (B, d), or None when no latent is dead.
+    """
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return None
+    masked = pre.masked_fill(~dead, float("-inf"))
+    top = masked.topk(min(k_aux, n_dead), dim=-1)
+    z_aux = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
+    return z_aux @ W_dec.T
+
+
+def auxk_loss(residual, residual_hat):
+    """AuxK dead-latent loss (Gao et al. 2024, §A.2): ||e − ê||² / ||e − mean(e)||².
+
+    residual e = x − x̃ (B, d), detached by the caller; residual_hat ê (B, d) = the residual
+    reconstructed from the top-k_aux *dead* latents, without b_dec. Returns 0 (not NaN) when
+    there is nothing to explain (no dead latents → ê is all zeros and the caller passes None).
+    """
+    if residual_hat is None:
+        return residual.new_zeros(())
+    loss = fvu(residual, residual_hat)
+    return torch.nan_to_num(loss, nan=0.0, posinf=0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# SAE-FT regularisers (§5) and baselines (§4, §5.1)
+# --------------------------------------------------------------------------------------------
+
+
+def residual_alignment(dx, dz, W_dec):
+    """L_res = mean over B·d of (Δx − W_dec Δz)²  (§5, residual alignment).
+
+    dx (B, d), dz (B, n), W_dec (d, n). The part of the representation change the dictionary
+    cannot express; 0 exactly when Δx = W_dec Δz.
+    """
+    return (dx - dz @ W_dec.T).pow(2).mean()
+
+
+def sparse_feature_change(dz):
+    """L_sparse = mean over B·n of |Δz|  (§5, strategy 1). dz (B, n)."""
+    return dz.abs().mean()
+
+
+def feature_preservation(z, z0):
+    """L_pres = mean over B·n of 1[z0 = 0] · |z|  (§5, strategy 2, the main method).
+
+    Penalises SAE features that switch on for the fine-tuned model but were off for the
+    zero-shot one. z, z0 (B, n); z0 is a constant (mask only).
+    """
+    off = (z0 == 0).to(z.dtype)
+    return (off * z.abs()).mean()
+
+
+def feature_removal(z, z0):
+    """L_remove = mean over B·n of 1[z0 > 0] · ReLU(z0 − z)  (abstract: "addition and removal").
+
+    Penalises zero-shot features that weaken or switch off. z, z0 (B, n).
+    """
+    on = (z0 > 0).to(z.dtype)
+    return (on * F.relu(z0 - z)).mean()
+
+
+def l2_drift(x, x0):
+    """mean over B·d of (x − x0)²: L2 between unit embeddings (§4, LDIFS on the last layer)."""
+    return (x - x0).pow(2).mean()
+
+
+def l1_drift(x, x0):
+    """mean over B·d of |x − x0| (§5.1 baseline)."""
+    return (x - x0).abs().mean()
+
+
+def at_least_fp32(t):
+    """bf16/fp16 → fp32 (the loss math is never done in half precision); fp64 stays fp64."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove")
+
+
+def regulariser(name, h, h0, sae=None, lam=1.0, mu=1.0, lam_l1=1e-3, lam_mask=10.0,
+                lam_remove=0.02):
+    """Every term of the fine-tuning regulariser R by name, plus "reg" = λ·R (add it to CE).
+
+    h (B, d) fine-tuned embedding, h0 (B, d) zero-shot embedding — both raw (any norm); they
+    are unit-normalised here (§3: the SAE and the cosine head only see directions). h0 and the
+    SAE parameters are detached: the zero-shot side never receives a gradient.
+
+        none                 R = 0
+        l2 / l1              R = l2_drift / l1_drift
+        sae-sparse           R = μ·L_res + λ_l1·L_sparse
+        sae-preserve         R = μ·L_res + λ_mask·L_pres
+        sae-preserve-remove  R = μ·L_res + λ_mask·L_pres + λ_remove·L_remove
+    """
+    if name not in REGULARISERS:
+        raise ValueError(f"unknown regulariser {name!r}; choose one of {', '.join(REGULARISERS)}")
+    x, x0 = F.normalize(at_least_fp32(h), dim=-1), F.normalize(at_least_fp32(h0.detach()), dim=-1)
+    terms = {}
+    if name == "none":
+        terms["reg"] = x.new_zeros(())
+        return terms
+    if name in ("l2", "l1"):
+        terms[name] = (l2_drift if name == "l2" else l1_drift)(x, x0)
+        terms["reg"] = lam * terms[name]
+        return terms
+    if sae is None:
+        raise ValueError(f"regulariser {name!r} needs a trained SAE (pass sae=...)")
+    W_enc, b_enc, b_dec, W_dec = (p.detach().to(x.dtype) for p in
+                                  (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec))
+    z, _ = topk_encode(x, W_enc, b_enc, b_dec, sae.k)           # (B, n), carries the gradient
+    with torch.no_grad():
+        z0, _ = topk_encode(x0, W_enc, b_enc, b_dec, sae.k)     # (B, n), constant
+    terms["res"] = residual_alignment(x - x0, z - z0, W_dec)
+    total = mu * terms["res"]
+    if name == "sae-sparse":
+        terms["sparse"] = sparse_feature_change(z - z0)
+        total = total + lam_l1 * terms["sparse"]
+    else:
+        terms["pres"] = feature_preservation(z, z0)
+        total = total + lam_mask * terms["pres"]
+        if name == "sae-preserve-remove":
+            terms["remove"] = feature_removal(z, z0)
+            total = total + lam_remove * terms["remove"]
+    terms["reg"] = lam * total
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation metrics (§4): representation drift against the zero-shot model
+# --------------------------------------------------------------------------------------------
+
+
+def linear_cka(X, Y):
+    """Linear CKA (Kornblith et al. 2019) = ||Yᵀ X||_F² / (||Xᵀ X||_F · ||Yᵀ Y||_F).
+
+    X (N, d1), Y (N, d2): the same N inputs through two models; widths may differ. Columns are
+    centred here. Computed in float64. Invariant to rotations and isotropic scaling of either.
+    """
+    X = X.double() - X.double().mean(0)
+    Y = Y.double() - Y.double().mean(0)
+    cross = (Y.T @ X).pow(2).sum()
+    return cross / ((X.T @ X).norm() * (Y.T @ Y).norm())
+
+
+def feature_overlap(z, z0, k):
+    """Feature preservation metric: mean over samples of |S0 ∩ S| / k, S = {i : z_i > 0}.
+
+    z, z0 (N, n) SAE codes of the fine-tuned and zero-shot embeddings of the same images.
+    1 when every image keeps its zero-shot active set.
+    """
+    shared = ((z > 0) & (z0 > 0)).sum(-1).double()
+    return (shared / k).mean()
+
+
+def feature_entropy(z):
+    """H = −Σ p_i log p_i, p_i = feature i's share of the total activation mass over the set.
+
+    z (N, n) ≥ 0. Returns (H, H / log n); the normalised value is 1 when mass is spread evenly
+    over all n features and 0 when a single feature carries it all.
+    """
+    mass = z.double().clamp_min(0).sum(0)
+    p = mass / mass.sum()
+    H = -(p[p > 0] * p[p > 0].log()).sum()
+    return H, H / math.log(z.shape[-1])
+
+
+def dead_features(z):
+    """Number of SAE features never active (z_i > 0) on any of the N samples. z (N, n)."""
+    return int(((z > 0).sum(0) == 0).sum())

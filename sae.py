@@ -1,0 +1,133 @@
+"""The Top-k sparse autoencoder (§3; Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+    z  = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)),   x̂ = x / ||x||     (encode)
+    x̃ = W_dec z + b_dec                                                (decode)
+
+It lives in its own small module (not in train_sae.py) because all three stages need it:
+stage 1 trains it, stage 2 regularises through it frozen, stage 3 measures drift with it — and
+importing a stage script from another would drag its command line and data code along.
+The math itself is in `losses.topk_encode`, shared with the fine-tuning regulariser.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from losses import at_least_fp32, topk_encode
+
+WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
+
+
+class SAEOutput(NamedTuple):
+    x: torch.Tensor      # (B, d) the unit-normalised input
+    z: torch.Tensor      # (B, n) sparse code, ≥ 0, at most k non-zeros per row
+    x_hat: torch.Tensor  # (B, d) reconstruction of x
+    pre: torch.Tensor    # (B, n) pre-activations (for AuxK)
+
+
+class TopKSAE(nn.Module):
+    """Top-k SAE on unit-normalised d-dim embeddings with n latents; atoms (columns of W_dec)
+    are kept at unit norm during training (`remove_parallel_grad` + `normalise_atoms`)."""
+
+    def __init__(self, d, n, k):
+        super().__init__()
+        if not (isinstance(k, int) and 1 <= k <= n):
+            raise ValueError(f"k must be an integer in 1..n={n}, got {k!r}")
+        self.d, self.n, self.k = d, n, k
+        W_dec = F.normalize(torch.randn(d, n), dim=0)              # (d, n), unit columns
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.T.clone())                 # (n, d), tied at init only
+        self.b_enc = nn.Parameter(torch.zeros(n))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+
+    def _check_width(self, h):
+        if h.shape[-1] != self.d:
+            raise ValueError(f"SAE expects embeddings of width {self.d}, got {h.shape[-1]}: "
+                             "train the SAE on this model's embeddings (train_sae.py)")
+
+    def encode(self, h):
+        """h (B, d), any scale → z (B, n)."""
+        self._check_width(h)
+        return topk_encode(at_least_fp32(h), self.W_enc, self.b_enc, self.b_dec, self.k)[0]
+
+    def decode(self, z):
+        """z (B, n) → x̃ (B, d), in the unit-norm space the SAE was trained in."""
+        return z @ self.W_dec.T + self.b_dec
+
+    def forward(self, h):
+        self._check_width(h)
+        x = F.normalize(at_least_fp32(h), dim=-1)
+        z, pre = topk_encode(x, self.W_enc, self.b_enc, self.b_dec, self.k)
+        return SAEOutput(x, z, self.decode(z), pre)
+
+    @torch.no_grad()
+    def init_from_data(self, h, method="mean"):
+        """b_dec ← mean (or geometric median) of the normalised data; W_enc ← W_decᵀ."""
+        x = F.normalize(at_least_fp32(h), dim=-1)
+        self.b_dec.copy_(x.mean(0) if method == "mean" else geometric_median(x))
+        self.W_enc.copy_(self.W_dec.T)
+
+    @torch.no_grad()
+    def remove_parallel_grad(self):
+        """Drop from each atom's gradient its component along the atom (call after backward):
+        the step then moves atoms only tangentially to the unit sphere (Gao et al. 2024)."""
+        if self.W_dec.grad is not None:
+            g, W = self.W_dec.grad, self.W_dec                      # (d, n) each
+            g -= W * (g * W).sum(0, keepdim=True)
+
+    @torch.no_grad()
+    def normalise_atoms(self):
+        """Renormalise every atom (column of W_dec) to unit norm (call after the step)."""
+        self.W_dec.copy_(F.normalize(self.W_dec, dim=0))
+
+    def save(self, out_dir, meta=None):
+        """Write <out_dir>/sae.safetensors + sae_config.json, each atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"d": self.d, "n": self.n, "k": self.k, **(meta or {})}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic(out_dir / WEIGHTS, lambda p: save_file(tensors, p))
+        _atomic(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+    @classmethod
+    def load(cls, sae_dir, device="cpu"):
+        """Rebuild an SAE from its folder alone → (sae, config)."""
+        sae_dir = Path(sae_dir)
+        for name in (WEIGHTS, CONFIG):
+            if not (sae_dir / name).is_file():
+                raise FileNotFoundError(f"no {name} in {sae_dir}: pass the folder train_sae.py "
+                                        "wrote (its --out)")
+        config = json.loads((sae_dir / CONFIG).read_text())
+        sae = cls(config["d"], config["n"], config["k"])
+        sae.load_state_dict(load_file(sae_dir / WEIGHTS))
+        return sae.to(device), config
+
+
+def geometric_median(x, iters=100, eps=1e-6):
+    """Weiszfeld's algorithm: the point minimising Σ_i ||x_i − m||. x (N, d) → (d,)."""
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=-1).clamp_min(eps)               # (N,)
+        m_new = (w[:, None] * x).sum(0) / w.sum()
+        if (m_new - m).norm() < eps:
+            return m_new
+        m = m_new
+    return m
+
+
+def _atomic(path, write):
+    """write(tmp_path) then rename over `path`: a crash mid-write leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

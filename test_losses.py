@@ -1,0 +1,335 @@
+"""Tests of the loss and metric math (losses.py) and the Top-k SAE (sae.py).
+
+Each fast path is compared with an independent, naive float64 implementation written with
+Python loops / NumPy on random tensors, including awkward sizes (d not a power of two, k = 1,
+k = n, batch 1); then invariants, gradients and the SAE's training-step constraints.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses as L
+from sae import TopKSAE, geometric_median
+
+torch.manual_seed(0)
+SIZES = [(1, 5, 7, 1), (3, 10, 13, 13), (4, 12, 30, 4), (7, 33, 50, 8)]   # (B, d, n, k)
+
+
+def rand_sae(d, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSAE(d, n, k).double()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.5)
+        sae.normalise_atoms()
+    return sae
+
+
+# ---------------------------------------------------------------- naive references (NumPy, loops)
+
+def naive_encode(x, W_enc, b_enc, b_dec, k):
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros((x.shape[0], W_enc.shape[0]))
+    for b in range(x.shape[0]):
+        xb = x[b] / math.sqrt(sum(v * v for v in x[b]))
+        pre = [sum(W_enc[i, j] * (xb[j] - b_dec[j]) for j in range(len(xb))) + b_enc[i]
+               for i in range(W_enc.shape[0])]
+        for i in sorted(range(len(pre)), key=lambda i: -pre[i])[:k]:
+            out[b, i] = max(pre[i], 0.0)
+    return out
+
+
+def naive_mean(f, rows):
+    vals = [f(v) for row in rows for v in row]
+    return sum(vals) / len(vals)
+
+
+def np64(*ts):
+    return [t.detach().double().numpy() for t in ts]
+
+
+# ---------------------------------------------------------------- each term vs the naive version
+
+@pytest.mark.parametrize("B,d,n,k", SIZES)
+def test_topk_encode_matches_naive(B, d, n, k):
+    sae = rand_sae(d, n, k)
+    h = torch.randn(B, d, dtype=torch.float64) * 3
+    z, _ = L.topk_encode(h, sae.W_enc, sae.b_enc, sae.b_dec, k)
+    ref = naive_encode(*np64(h, sae.W_enc, sae.b_enc, sae.b_dec), k)
+    np.testing.assert_allclose(z.detach().numpy(), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("B,d,n,k", SIZES)
+def test_regulariser_terms_match_naive(B, d, n, k):
+    sae = rand_sae(d, n, k)
+    h0 = torch.randn(B, d, dtype=torch.float64)
+    h = h0 + 0.3 * torch.randn(B, d, dtype=torch.float64)
+    x, x0 = np64(F.normalize(h, dim=-1), F.normalize(h0, dim=-1))
+    W_enc, b_enc, b_dec, W_dec = np64(sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec)
+    z, z0 = naive_encode(x, W_enc, b_enc, b_dec, k), naive_encode(x0, W_enc, b_enc, b_dec, k)
+    dx, dz = x - x0, z - z0
+    res_rows = [[dx[b, j] - sum(W_dec[j, i] * dz[b, i] for i in range(n)) for j in range(d)]
+                for b in range(B)]
+    ref = {
+        "res": naive_mean(lambda v: v * v, res_rows),
+        "sparse": naive_mean(abs, dz),
+        "pres": naive_mean(lambda v: v, [[abs(z[b, i]) if z0[b, i] == 0 else 0.0
+                                          for i in range(n)] for b in range(B)]),
+        "remove": naive_mean(lambda v: v, [[max(z0[b, i] - z[b, i], 0.0) if z0[b, i] > 0 else 0.0
+                                            for i in range(n)] for b in range(B)]),
+        "l2": naive_mean(lambda v: v * v, dx),
+        "l1": naive_mean(abs, dx),
+    }
+    got = {**L.regulariser("sae-sparse", h, h0, sae),
+           **L.regulariser("sae-preserve-remove", h, h0, sae),
+           **L.regulariser("l2", h, h0), **L.regulariser("l1", h, h0)}
+    for name, value in ref.items():
+        assert got[name].item() == pytest.approx(value, rel=1e-9, abs=1e-12), name
+
+
+def test_weighted_total_is_the_documented_sum():
+    sae = rand_sae(12, 30, 4)
+    h0, h = torch.randn(6, 12, dtype=torch.float64), torch.randn(6, 12, dtype=torch.float64)
+    w = dict(lam=70.0, mu=0.7, lam_l1=0.3, lam_mask=10.0, lam_remove=0.5)
+    t = L.regulariser("sae-preserve-remove", h, h0, sae, **w)
+    expect = w["lam"] * (w["mu"] * t["res"] + w["lam_mask"] * t["pres"]
+                         + w["lam_remove"] * t["remove"])
+    assert t["reg"].item() == pytest.approx(expect.item(), rel=1e-12)
+    t = L.regulariser("sae-sparse", h, h0, sae, **w)
+    expect = w["lam"] * (w["mu"] * t["res"] + w["lam_l1"] * t["sparse"])
+    assert t["reg"].item() == pytest.approx(expect.item(), rel=1e-12)
+    t = L.regulariser("l2", h, h0, lam=5.0)
+    assert t["reg"].item() == pytest.approx(5.0 * t["l2"].item())
+    assert L.regulariser("none", h, h0)["reg"].item() == 0.0
+    with pytest.raises(ValueError, match="unknown regulariser"):
+        L.regulariser("l3", h, h0)
+    with pytest.raises(ValueError, match="needs a trained SAE"):
+        L.regulariser("sae-preserve", h, h0)
+
+
+def test_fvu_and_auxk_match_naive():
+    x, xh = torch.randn(9, 11, dtype=torch.float64), torch.randn(9, 11, dtype=torch.float64)
+    xn, xhn = np64(x, xh)
+    ref = ((xn - xhn) ** 2).sum() / ((xn - xn.mean(0)) ** 2).sum()
+    assert L.fvu(x, xh).item() == pytest.approx(ref, rel=1e-12)
+    assert L.auxk_loss(x, xh).item() == pytest.approx(ref, rel=1e-12)
+    assert L.auxk_loss(x, None).item() == 0.0
+
+
+@pytest.mark.parametrize("k_aux", [1, 3, 100])
+def test_auxk_reconstruction_matches_naive(k_aux):
+    B, d, n = 5, 7, 20
+    pre, W_dec = torch.randn(B, n, dtype=torch.float64), torch.randn(d, n, dtype=torch.float64)
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[[1, 4, 5, 11, 19]] = True
+    got = L.auxk_reconstruction(pre, dead, W_dec, k_aux)
+    pn, Wn = np64(pre, W_dec)
+    ref = np.zeros((B, d))
+    for b in range(B):
+        cand = sorted([i for i in range(n) if dead[i]], key=lambda i: -pn[b, i])[:k_aux]
+        for i in cand:
+            ref[b] += max(pn[b, i], 0) * Wn[:, i]
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-12)
+    assert L.auxk_reconstruction(pre, torch.zeros(n, dtype=torch.bool), W_dec, k_aux) is None
+
+
+def test_auxk_finite_when_residual_constant():
+    e = torch.ones(4, 3)                       # zero variance: 0/0 must not become NaN
+    assert torch.isfinite(L.auxk_loss(e, torch.zeros(4, 3)))
+
+
+# ---------------------------------------------------------------- invariants
+
+def test_residual_alignment_zero_in_span_and_orthogonal_part_outside():
+    B, d, n = 4, 10, 6                            # n < d: atoms span a 6-dim subspace
+    W_dec = torch.randn(d, n, dtype=torch.float64)
+    dz = torch.randn(B, n, dtype=torch.float64)
+    assert L.residual_alignment(dz @ W_dec.T, dz, W_dec).item() == pytest.approx(0, abs=1e-24)
+    Q, _ = torch.linalg.qr(torch.cat([W_dec, torch.randn(d, d - n, dtype=torch.float64)], 1))
+    orth = torch.randn(B, d - n, dtype=torch.float64) @ Q[:, n:].T   # ⟂ to every atom
+    got = L.residual_alignment(dz @ W_dec.T + orth, dz, W_dec).item()
+    assert got == pytest.approx(orth.pow(2).sum().item() / (B * d), rel=1e-10)
+
+
+def test_feature_preservation_zero_on_same_support_else_off_support_mass():
+    z0 = torch.tensor([[0.0, 1.0, 2.0, 0.0], [3.0, 0.0, 0.0, 1.0]])
+    same_support = torch.tensor([[0.0, 5.0, 0.1, 0.0], [1.0, 0.0, 0.0, 9.0]])
+    assert L.feature_preservation(same_support, z0).item() == 0.0
+    z = torch.tensor([[0.5, 1.0, 0.0, 0.0], [3.0, 2.0, 0.0, 0.25]])
+    assert L.feature_preservation(z, z0).item() == pytest.approx((0.5 + 2.0) / 8)
+
+
+def test_feature_removal_counts_only_lost_zero_shot_mass():
+    z0 = torch.tensor([[0.0, 1.0, 2.0]])
+    assert L.feature_removal(torch.tensor([[9.0, 1.0, 3.0]]), z0).item() == 0.0
+    assert L.feature_removal(torch.tensor([[0.0, 0.25, 0.0]]), z0).item() == pytest.approx(2.75 / 3)
+
+
+def test_l2_l1_zero_for_identical_and_scale_invariant():
+    h = torch.randn(5, 9)
+    for name in ("l2", "l1"):
+        assert L.regulariser(name, h, h.clone())[name].item() == 0.0
+        assert L.regulariser(name, 7 * h, h)[name].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_sae_terms_zero_when_nothing_changed():
+    sae, h = rand_sae(12, 30, 4), torch.randn(5, 12, dtype=torch.float64)
+    t = L.regulariser("sae-preserve-remove", h, h.clone(), sae)
+    assert all(v.item() == 0.0 for v in t.values())
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize("name", ["l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove"])
+def test_gradcheck_wrt_finetuned_embedding(name):
+    sae = rand_sae(6, 15, 3, seed=1)
+    h0 = torch.randn(3, 6, dtype=torch.float64)
+    h = (h0 + 0.5 * torch.randn(3, 6, dtype=torch.float64)).requires_grad_()
+    # away from kinks: TopK ties / ReLU zeros / |.| at 0 are measure-zero for random inputs
+    assert torch.autograd.gradcheck(lambda h: L.regulariser(name, h, h0, sae, lam=2.0)["reg"], (h,))
+
+
+@pytest.mark.parametrize("name", ["l2", "sae-sparse", "sae-preserve-remove"])
+def test_no_gradient_reaches_zero_shot_side_or_sae(name):
+    sae = rand_sae(8, 20, 4)
+    h0 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    L.regulariser(name, h, h0, sae)["reg"].backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    assert h0.grad is None
+    assert all(p.grad is None for p in sae.parameters())
+
+
+# ---------------------------------------------------------------- the SAE module
+
+@pytest.mark.parametrize("B,d,n,k", SIZES)
+def test_sae_code_sparse_nonnegative_and_scale_invariant(B, d, n, k):
+    sae = rand_sae(d, n, k)
+    h = torch.randn(B, d, dtype=torch.float64)
+    z = sae.encode(h)
+    assert ((z != 0).sum(-1) <= k).all() and (z >= 0).all()
+    torch.testing.assert_close(sae.encode(12.5 * h), z)
+
+
+def test_sae_decode_is_affine():
+    sae = rand_sae(9, 20, 5)
+    a, b = torch.rand(3, 20, dtype=torch.float64), torch.rand(3, 20, dtype=torch.float64)
+    torch.testing.assert_close(sae.decode(0.3 * a + 0.7 * b),
+                               0.3 * sae.decode(a) + 0.7 * sae.decode(b))
+    torch.testing.assert_close(sae.decode(torch.zeros(1, 20, dtype=torch.float64))[0], sae.b_dec)
+
+
+def test_sae_save_load_round_trip_exact(tmp_path):
+    sae = rand_sae(10, 24, 6).float()
+    sae.save(tmp_path / "sae", meta={"model": "tiny"})
+    loaded, cfg = TopKSAE.load(tmp_path / "sae")
+    assert cfg["model"] == "tiny" and (cfg["d"], cfg["n"], cfg["k"]) == (10, 24, 6)
+    for (name, p), q in zip(sae.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(FileNotFoundError, match="no sae"):
+        TopKSAE.load(tmp_path)
+
+
+def test_sae_rejects_bad_width_and_k():
+    sae = TopKSAE(8, 16, 4)
+    with pytest.raises(ValueError, match="width 8, got 9"):
+        sae.encode(torch.randn(2, 9))
+    for k in (0, 17, 2.5):
+        with pytest.raises(ValueError, match="k must be"):
+            TopKSAE(8, 16, k)
+
+
+def test_sae_training_step_keeps_unit_atoms_and_drops_parallel_grad():
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 40, 5)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)                      # tied at construction too
+    h = torch.randn(64, 12)
+    sae.init_from_data(h)
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    out = sae(h)
+    L.fvu(out.x, out.x_hat).backward()
+    sae.remove_parallel_grad()
+    parallel = (sae.W_dec.grad * sae.W_dec).sum(0)                  # (n,)
+    assert parallel.abs().max() < 1e-6 and sae.W_dec.grad.abs().sum() > 0
+    torch.optim.Adam(sae.parameters(), lr=1e-2).step()
+    sae.normalise_atoms()
+    torch.testing.assert_close(sae.W_dec.norm(dim=0), torch.ones(40))
+
+
+def test_sae_init_from_data_mean_and_median():
+    h = torch.randn(50, 6)
+    sae = TopKSAE(6, 12, 2)
+    sae.init_from_data(h)
+    torch.testing.assert_close(sae.b_dec.data, F.normalize(h, dim=-1).mean(0))
+    pts = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0]])
+    m = geometric_median(pts, iters=2000, eps=1e-10)
+    objective = lambda c: (pts - c).norm(dim=-1).sum()
+    for step in torch.eye(2) * 1e-3:
+        assert objective(m) <= objective(m + step) and objective(m) <= objective(m - step)
+
+
+# ---------------------------------------------------------------- evaluation metrics (§4)
+
+def naive_cka(X, Y):
+    X, Y = X - X.mean(0), Y - Y.mean(0)
+    return np.linalg.norm(Y.T @ X) ** 2 / (np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y))
+
+
+def test_cka_matches_naive_and_is_symmetric_with_different_widths():
+    X, Y = torch.randn(40, 7), torch.randn(40, 13)
+    Y[:, :7] += X
+    assert L.linear_cka(X, Y).item() == pytest.approx(naive_cka(*np64(X, Y)), rel=1e-10)
+    assert L.linear_cka(X, Y).item() == pytest.approx(L.linear_cka(Y, X).item(), rel=1e-12)
+
+
+def test_cka_invariant_to_rotation_and_isotropic_scaling():
+    X = torch.randn(60, 10, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    assert L.linear_cka(X, 3.7 * X @ Q + 2.0).item() == pytest.approx(1.0, abs=1e-10)
+    anisotropic = X * torch.linspace(0.1, 5, 10, dtype=torch.float64)
+    assert L.linear_cka(X, anisotropic).item() < 0.99
+
+
+def test_cka_near_zero_for_independent_high_dimensional_data():
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.randn(2000, 100, generator=g), torch.randn(2000, 100, generator=g)
+    assert L.linear_cka(X, Y).item() < 0.1
+
+
+def test_fvu_zero_for_perfect_and_one_for_mean():
+    x = torch.randn(30, 8, dtype=torch.float64)
+    assert L.fvu(x, x.clone()).item() == 0.0
+    assert L.fvu(x, x.mean(0).expand_as(x)).item() == pytest.approx(1.0, rel=1e-12)
+
+
+def test_feature_overlap_entropy_and_dead_match_naive():
+    g = torch.Generator().manual_seed(2)
+    z0 = torch.rand(6, 9, generator=g) * (torch.rand(6, 9, generator=g) > 0.6)
+    z = torch.rand(6, 9, generator=g) * (torch.rand(6, 9, generator=g) > 0.6)
+    z[:, 3] = 0.0
+    z[:, 8] = 0.0
+    k = 4
+    zn, z0n = np64(z, z0)
+    ref = np.mean([sum(1 for i in range(9) if zn[b, i] > 0 and z0n[b, i] > 0) / k
+                   for b in range(6)])
+    assert L.feature_overlap(z, z0, k).item() == pytest.approx(ref, rel=1e-12)
+    mass = zn.sum(0)
+    p = mass / mass.sum()
+    H = -sum(pi * math.log(pi) for pi in p if pi > 0)
+    got_H, got_norm = L.feature_entropy(z)
+    assert got_H.item() == pytest.approx(H, rel=1e-12)
+    assert got_norm.item() == pytest.approx(H / math.log(9), rel=1e-12)
+    assert L.dead_features(z) == sum(1 for i in range(9) if (zn[:, i] <= 0).all())
+    assert L.feature_overlap(z0, z0, int((z0 > 0).sum(-1).max())) > 0
+
+
+def test_entropy_extremes():
+    uniform = torch.ones(4, 16)
+    H, Hn = L.feature_entropy(uniform)
+    assert Hn.item() == pytest.approx(1.0) and H.item() == pytest.approx(math.log(16))
+    one = torch.zeros(4, 16)
+    one[:, 5] = 2.0
+    assert L.feature_entropy(one)[0].item() == pytest.approx(0.0, abs=1e-12)

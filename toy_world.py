@@ -1,0 +1,459 @@
+"""The built-in toy world: synthetic shape images + a tiny CLIP pretrained on them.
+
+No CLIP weights and no ImageNet can be downloaded offline, so this script makes a small world in
+which the paper's phenomenon can happen on a laptop CPU, and writes it in the same form the stage
+scripts read for real models and data:
+
+  <out>/data        HF DatasetDict (datasets.load_from_disk), columns image (32x32 RGB PIL),
+                    label (ClassLabel: circle, square, ...), caption (str). Splits:
+                      train        fine-tuning set: photos, with the spurious cue (below)
+                      test         ID test, same distribution as train
+                      ood_nocue    photos, cue broken (mark colour random)
+                      ood_sketch   pencil sketches, cue broken
+                      ood_pattern  striped shapes, cue broken
+  <out>/clip        an open_clip `local-dir:` model (open_clip_config.json + open_clip_model.safetensors),
+                    pretrained contrastively on a separate set of images + captions in all styles
+  <out>/world.json  manifest: the settings it was built with + the tiny CLIP's zero-shot accuracy
+
+The spurious cue. Every fine-tuning image carries a small coloured square (the "mark") in one
+corner. In the fine-tuning train/test splits its colour is the class's own colour in `--cue-rate`
+of images (else another colour). In pretraining the mark appears in half the images with a random
+colour and is never named in a caption, so contrastive pretraining has no reason to encode it: the
+zero-shot model (and a linear probe on its features) cannot use it, while standard fine-tuning can
+learn it as a new feature -- the "emergence of new, task-irrelevant features" that the paper's
+feature preservation (§5) is meant to block. The OOD splits break the cue (random mark colour)
+and, for sketch / pattern, also change the style.
+
+Commands:
+  python toy_world.py --out toy              # default world + tiny CLIP (~6 min on 2 CPU cores)
+  python toy_world.py --out /tmp/toy --tiny  # CI size: tiny world, barely trained CLIP (<30 s)
+  python toy_world.py --out toy --force      # rebuild although <out> holds a world with other settings
+
+Then any stage script uses it like a real model and dataset:
+  open_clip.create_model_and_transforms('local-dir:toy/clip')
+  datasets.load_from_disk('toy/data')['ood_sketch']
+
+Re-running with the same settings does nothing (cache hit on world.json). Outputs are built in a
+temporary folder inside <out> and moved into place, manifest last, so a crash never leaves a world
+that looks complete.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# ----------------------------------------------------------------------------- settings
+CLASSES = ("circle", "square", "triangle", "star", "cross",
+           "ring", "diamond", "arrow", "crescent", "heart")
+STYLES = ("photo", "sketch", "pattern")
+# shape colours (named in captions)
+COLOURS = {"red": (215, 45, 40), "green": (45, 160, 65), "blue": (45, 85, 215), "yellow": (235, 205, 45),
+           "purple": (135, 60, 175), "orange": (240, 135, 35), "white": (240, 240, 235), "black": (30, 30, 30)}
+# photo backgrounds (named in captions)
+BACKGROUNDS = {"grey": (128, 128, 128), "sand": (200, 180, 130), "sky": (130, 180, 225),
+               "grass": (95, 145, 70), "night": (35, 40, 70), "brick": (150, 75, 60)}
+# mark colours (never named anywhere); class c's own colour is MARK_COLOURS[c]
+MARK_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
+                (0, 255, 255), (255, 128, 0), (128, 0, 255), (255, 255, 255), (0, 0, 0))
+IMAGE_SIZE = 32     # pixels; drawn at 2x and box-downsampled (anti-aliasing)
+SUPERSAMPLE = 2
+MARK_SIZE = 4       # mark side in final pixels, 1 px from the corner
+PATTERN_COLOURS = [c for c in COLOURS if c != "white"]  # white stripes vanish on the pale background
+PRETRAIN_STYLE_P = (0.5, 0.25, 0.25)  # photo / sketch / pattern share of the pretraining set
+PRETRAIN_MARK_P = 0.5                 # share of pretraining images carrying a random-colour mark
+
+# the tiny CLIP (checked config, ECOSYSTEM.md); ~3.4 M parameters, most in the token embedding
+CLIP_CFG = {"embed_dim": 64,
+            "vision_cfg": {"image_size": IMAGE_SIZE, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_clip's default)
+STD = (0.26862954, 0.26130258, 0.27577711)
+ZS_TEMPLATE = "a photo of a {}."
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (data/, clip/, world.json go inside)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the world and pretraining")
+    p.add_argument("--n-pretrain", type=int, default=40000, help="pretraining images (all styles, random marks)")
+    p.add_argument("--n-train", type=int, default=5000, help="fine-tuning train images")
+    p.add_argument("--n-eval", type=int, default=2000, help="images in test and in each ood_* split")
+    p.add_argument("--cue-rate", type=float, default=0.9,
+                   help="share of train/test images whose mark has the class's own colour")
+    p.add_argument("--epochs", type=float, default=12, help="pretraining epochs over --n-pretrain")
+    p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (contrastive negatives)")
+    p.add_argument("--lr", type=float, default=1e-3, help="pretraining peak learning rate (AdamW, cosine)")
+    p.add_argument("--warmup", type=int, default=200, help="pretraining warm-up steps")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--tiny", action="store_true",
+                   help="CI size: 2k pretraining images, 1 epoch, 200 train / 100 eval images")
+    p.add_argument("--force", action="store_true", help="rebuild even if <out> holds a world with other settings")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.n_pretrain, args.n_train, args.n_eval, args.epochs = 2000, 200, 100, 1
+    return args
+
+
+# ----------------------------------------------------------------------------- drawing
+def _circle(cx, cy, r, n=40):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def _regular(n, r=1.0, phase=-np.pi / 2):
+    t = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _star(n=5, r_out=1.0, r_in=0.42):
+    t = -np.pi / 2 + np.arange(2 * n) * np.pi / n
+    r = np.where(np.arange(2 * n) % 2 == 0, r_out, r_in)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _pick(rng, options):
+    """A uniform choice from a list or dict keys (rng.choice on a Python list is slow)."""
+    options = list(options)
+    return options[rng.integers(len(options))]
+
+
+def _poly(*xy):
+    return np.array(xy, dtype=float)
+
+
+# Each shape is a list of (polygon in unit coordinates, y pointing down; fill 255 = add, 0 = cut).
+SHAPES = {
+    "circle": [(_circle(0, 0, 0.9), 255)],
+    "square": [(_poly((-0.75, -0.75), (0.75, -0.75), (0.75, 0.75), (-0.75, 0.75)), 255)],
+    "triangle": [(_regular(3, 1.0, -np.pi / 2) + [0, 0.2], 255)],
+    "star": [(_star(), 255)],
+    "cross": [(_poly((-0.28, -1), (0.28, -1), (0.28, -0.28), (1, -0.28), (1, 0.28), (0.28, 0.28), (0.28, 1),
+                     (-0.28, 1), (-0.28, 0.28), (-1, 0.28), (-1, -0.28), (-0.28, -0.28)), 255)],
+    "ring": [(_circle(0, 0, 0.95), 255), (_circle(0, 0, 0.55), 0)],
+    "diamond": [(_poly((0, -1), (0.62, 0), (0, 1), (-0.62, 0)), 255)],
+    "arrow": [(_poly((-1, -0.22), (0.15, -0.22), (0.15, -0.65), (1, 0), (0.15, 0.65), (0.15, 0.22), (-1, 0.22)), 255)],
+    "crescent": [(_circle(0, 0, 0.95), 255), (_circle(0.45, -0.15, 0.8), 0)],
+    "heart": [(_circle(-0.45, -0.3, 0.5), 255), (_circle(0.45, -0.3, 0.5), 255),
+              (_poly((-0.93, -0.15), (0.93, -0.15), (0, 0.95)), 255)],
+}
+
+
+_GRID = np.mgrid[0:IMAGE_SIZE * SUPERSAMPLE, 0:IMAGE_SIZE * SUPERSAMPLE]
+
+
+def shape_mask(name, cx, cy, radius, angle, size):
+    """Anti-aliasing-free float mask (size, size) in [0, 1] of one shape, rotated by angle (rad)."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    for poly, fill in SHAPES[name]:
+        pts = poly @ rot.T * radius + [cx, cy]
+        draw.polygon([tuple(p) for p in pts], fill=fill)
+    return img
+
+
+def _gradient(rng, size, amp):
+    """A linear lighting ramp (size, size, 1) in [1 - amp, 1 + amp] along a random direction."""
+    t = rng.uniform(0, 2 * np.pi)
+    g = np.linspace(-1, 1, size)
+    ramp = np.cos(t) * g[None, :] + np.sin(t) * g[:, None]
+    return (1 + amp * ramp / np.sqrt(2))[..., None]
+
+
+def render(rng, cls, style, mark_colour=None):
+    """Draw one image. Returns (uint8 array (32, 32, 3), caption). mark_colour: index or None."""
+    S = IMAGE_SIZE * SUPERSAMPLE
+    name = CLASSES[cls]
+    radius = rng.uniform(0.26, 0.36) * S                     # shapes stay clear of the corners (mark)
+    cx, cy = S / 2 + rng.uniform(-0.1, 0.1, 2) * S
+    angle = rng.uniform(-0.35, 0.35)                         # +-20 deg: a square never becomes a diamond
+    mask_img = shape_mask(name, cx, cy, radius, angle, S)
+    mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255
+    if style == "photo":
+        img, caption = _photo(rng, mask_img, mask, name)
+    elif style == "sketch":
+        img, caption = _sketch(rng, mask_img, name)
+    else:
+        img, caption = _pattern(rng, mask, name)
+    # box-downsample (anti-aliasing), then the crisp mark on top
+    img = img.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE, 3).mean((1, 3))
+    img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    if mark_colour is not None:
+        y, x = _mark_corner(rng.integers(4))
+        img[y:y + MARK_SIZE, x:x + MARK_SIZE] = MARK_COLOURS[mark_colour]
+    return img, caption
+
+
+def _mark_corner(corner):
+    far = IMAGE_SIZE - 1 - MARK_SIZE
+    return [(1, 1), (1, far), (far, 1), (far, far)][corner]
+
+
+def _photo(rng, mask_img, mask, name):
+    S = mask.shape[0]
+    colour, bg = _pick(rng, COLOURS), _pick(rng, BACKGROUNDS)
+    background = np.array(BACKGROUNDS[bg], np.float32) / 255 * _gradient(rng, S, 0.3)
+    # a soft drop shadow: the mask shifted down-right, blurred, darkens the background
+    shadow = np.roll(mask, (3, 3), (0, 1))
+    background = background * (1 - 0.45 * shadow)
+    fill = np.array(COLOURS[colour], np.float32) / 255 * _gradient(rng, S, 0.25)
+    img = background * (1 - mask) + fill * mask
+    img = img + rng.normal(0, 0.03, img.shape).astype(np.float32)
+    caption = _pick(rng, [f"a photo of a {name}.", f"a photo of a {colour} {name}.",
+                          f"a {colour} {name} on a {bg} background.", f"a photo of a {colour} {name} on {bg}."])
+    return img, caption
+
+
+def _sketch(rng, mask_img, name):
+    S = mask_img.size[0]
+    # outline = mask minus its erosion, sometimes thickened; dark pencil on off-white paper
+    edge = np.asarray(mask_img, np.float32) - np.asarray(mask_img.filter(ImageFilter.MinFilter(3)), np.float32)
+    edge_img = Image.fromarray(edge.astype(np.uint8))
+    if rng.random() < 0.5:
+        edge_img = edge_img.filter(ImageFilter.MaxFilter(3))
+    edge = np.asarray(edge_img, np.float32)[..., None] / 255
+    paper = rng.uniform(0.85, 1.0) * np.ones((S, S, 3), np.float32) * _gradient(rng, S, 0.08)
+    ink = rng.uniform(0.05, 0.35)
+    img = paper * (1 - edge) + ink * edge
+    img = img + rng.normal(0, 0.04, img.shape).astype(np.float32)
+    caption = _pick(rng, [f"a sketch of a {name}.", f"a drawing of a {name}.", f"a pencil sketch of a {name}."])
+    return img, caption
+
+
+def _pattern(rng, mask, name):
+    S = mask.shape[0]
+    colour, other = rng.choice(len(PATTERN_COLOURS), 2, replace=False)
+    colour = PATTERN_COLOURS[colour]
+    a = np.array(COLOURS[colour], np.float32) / 255
+    b = np.array(COLOURS[PATTERN_COLOURS[other]], np.float32) / 255
+    # stripes of two colours inside the shape, at a random angle and period
+    t, period = rng.uniform(0, np.pi), rng.uniform(5, 10)
+    yy, xx = _GRID
+    stripes = (np.sin(2 * np.pi * (xx * np.cos(t) + yy * np.sin(t)) / period) > 0)[..., None]
+    fill = np.where(stripes, a, b)
+    # a pale dotted background
+    bg = np.array(rng.uniform(0.75, 0.95, 3), np.float32)
+    dots = ((xx % 8 < 2) & (yy % 8 < 2))[..., None]
+    background = np.where(dots, bg * 0.8, bg)
+    img = background * (1 - mask) + fill * mask
+    caption = _pick(rng, [f"a pattern of a {name}.", f"a {colour} pattern of a {name}.",
+                          f"a striped {colour} {name}."])
+    return img, caption
+
+
+# ----------------------------------------------------------------------------- splits
+def draw_split(seed, split, n, style, cue_rate=None, style_p=None, mark_p=1.0):
+    """Draw n images of one split. Returns (uint8 images (n, 32, 32, 3), labels (n,), captions).
+
+    cue_rate=None: the mark (if any, with probability mark_p) has a uniformly random colour.
+    cue_rate=p: every image has a mark, of the class's own colour with probability p, else one of the
+    other nine colours. style=None draws the style per image from style_p (pretraining).
+    """
+    # one generator per split, seeded by (seed, split name): splits are independent and reproducible
+    rng = np.random.default_rng([seed, *split.encode()])
+    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    labels = rng.integers(len(CLASSES), size=n)
+    captions = []
+    for i, y in enumerate(labels):
+        s = style or STYLES[rng.choice(len(STYLES), p=style_p)]
+        if cue_rate is None:
+            mark = int(rng.integers(len(MARK_COLOURS))) if rng.random() < mark_p else None
+        elif rng.random() < cue_rate:
+            mark = int(y)
+        else:
+            mark = int((y + rng.integers(1, len(MARK_COLOURS))) % len(MARK_COLOURS))
+        images[i], caption = render(rng, int(y), s, mark)
+        captions.append(caption)
+    return images, labels, captions
+
+
+def finetune_splits(args):
+    """The splits written to <out>/data: {name: (images, labels, captions)}."""
+    n, seed = args.n_eval, args.seed
+    return {
+        "train": draw_split(seed, "train", args.n_train, "photo", cue_rate=args.cue_rate),
+        "test": draw_split(seed, "test", n, "photo", cue_rate=args.cue_rate),
+        "ood_nocue": draw_split(seed, "ood_nocue", n, "photo"),
+        "ood_sketch": draw_split(seed, "ood_sketch", n, "sketch"),
+        "ood_pattern": draw_split(seed, "ood_pattern", n, "pattern"),
+    }
+
+
+def read_mark(image):
+    """The mark colour index in a (32, 32, 3) uint8 image, or -1 if it has no mark (for tests/analysis)."""
+    image = np.asarray(image)
+    for corner in range(4):
+        y, x = _mark_corner(corner)
+        patch = image[y:y + MARK_SIZE, x:x + MARK_SIZE].reshape(-1, 3)
+        if (patch == patch[0]).all():
+            for k, colour in enumerate(MARK_COLOURS):
+                if tuple(patch[0]) == colour:
+                    return k
+    return -1
+
+
+def save_dataset(splits, path):
+    """Write the splits as an HF DatasetDict (image, label, caption) with save_to_disk."""
+    import datasets
+    datasets.disable_progress_bars()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASSES)),
+                                  "caption": datasets.Value("string")})
+    dd = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict(
+            {"image": [Image.fromarray(im) for im in images], "label": labels.tolist(), "caption": captions},
+            features=features)
+        for name, (images, labels, captions) in splits.items()})
+    dd.save_to_disk(path)
+
+
+# ----------------------------------------------------------------------------- tiny CLIP
+def to_tensor(images):
+    """uint8 (n, 32, 32, 3) -> normalised float (n, 3, 32, 32), as open_clip's eval preprocess does."""
+    import torch
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
+def pretrain_clip(images, captions, args):
+    """Contrastive (CLIP) pretraining of the tiny model on pretraining images + captions."""
+    import torch
+    import torch.nn.functional as F
+    import open_clip
+    torch.manual_seed(args.seed)
+    model = open_clip.CLIP(**CLIP_CFG)
+    tokens = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CFG["text_cfg"]["context_length"])(captions)
+    # identical captions in a batch are positives, not negatives (there are only a few hundred strings)
+    _, caption_id = np.unique(np.array(captions), return_inverse=True)
+    caption_id = torch.from_numpy(caption_id)
+    x_all = to_tensor(images)
+    n, bs = len(images), args.batch_size
+    steps = max(1, int(args.epochs * n / bs))
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / args.warmup)
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    gen = torch.Generator().manual_seed(args.seed)
+    order, t0 = torch.empty(0, dtype=torch.long), time.time()
+    model.train()
+    for step in range(steps):
+        if len(order) < bs:
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[:bs], order[bs:]
+        img, txt, scale = model(x_all[idx], tokens[idx])[:3]               # unit-norm (B, d), (B, d); exp scale
+        logits = scale * img @ txt.T                                        # (B, B)
+        same = (caption_id[idx][:, None] == caption_id[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)                           # soft targets over duplicates
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 100 == 0 or step == steps - 1:
+            print(f"pretrain step {step}/{steps} | loss {loss.item():.3f} | scale {scale.item():.1f} "
+                  f"| {(step + 1) * bs / (time.time() - t0):.0f} img/s", flush=True)
+    return model.eval()
+
+
+def zero_shot_accuracy(model, images, labels, batch_size=1000):
+    """Top-1 accuracy (%) of the zero-shot head built from "a photo of a {class}." prompts."""
+    import torch
+    import open_clip
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=CLIP_CFG["text_cfg"]["context_length"])
+    with torch.no_grad():
+        w = model.encode_text(tok([ZS_TEMPLATE.format(c) for c in CLASSES]), normalize=True)   # (C, d)
+        correct = 0
+        for i in range(0, len(images), batch_size):
+            h = model.encode_image(to_tensor(images[i:i + batch_size]), normalize=True)   # (b, d)
+            correct += ((h @ w.T).argmax(1).numpy() == labels[i:i + batch_size]).sum()
+    return 100.0 * correct / len(images)
+
+
+def save_clip(model, path):
+    """Write an open_clip `local-dir:` folder: open_clip_config.json + open_clip_model.safetensors."""
+    from safetensors.torch import save_file
+    os.makedirs(path)
+    preprocess_cfg = {"size": IMAGE_SIZE, "mean": list(MEAN), "std": list(STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": CLIP_CFG, "preprocess_cfg": preprocess_cfg}, f, indent=2)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              os.path.join(path, "open_clip_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- build (cached, atomic)
+def settings(args):
+    """Everything that determines the world; the cache key stored in world.json."""
+    keys = ("seed", "n_pretrain", "n_train", "n_eval", "cue_rate", "epochs", "batch_size", "lr", "warmup")
+    return {"version": 1, **{k: getattr(args, k) for k in keys}}
+
+
+def build(args):
+    """Build <out>/{data,clip,world.json} unless they already exist with the same settings."""
+    manifest_path = os.path.join(args.out, "world.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f)
+        if old["settings"] == settings(args):
+            print(f"cached: {args.out} already holds this world (zero-shot {old['zero_shot']})")
+            return old
+        if not args.force:
+            raise ValueError(f"{args.out} holds a toy world built with other settings ({old['settings']}); "
+                             f"pass --force to rebuild it or choose another --out")
+    import torch
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    tmp = os.path.join(args.out, f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+
+    pre_images, _, pre_captions = draw_split(args.seed, "pretrain", args.n_pretrain, None,
+                                             style_p=PRETRAIN_STYLE_P, mark_p=PRETRAIN_MARK_P)
+    splits = finetune_splits(args)
+    print(f"drew {args.n_pretrain} pretraining + {sum(len(s[1]) for s in splits.values())} fine-tuning images "
+          f"in {time.time() - t0:.0f} s", flush=True)
+    save_dataset(splits, os.path.join(tmp, "data"))
+
+    model = pretrain_clip(pre_images, pre_captions, args)
+    zero_shot = {name: round(float(zero_shot_accuracy(model, im, y)), 2) for name, (im, y, _) in splits.items()}
+    print("zero-shot accuracy (%): " + ", ".join(f"{k} {v:.1f}" for k, v in zero_shot.items()), flush=True)
+    save_clip(model, os.path.join(tmp, "clip"))
+
+    # move into place; the manifest goes last, so a world without world.json is never trusted
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
+    for name in ("data", "clip"):
+        shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+        os.rename(os.path.join(tmp, name), os.path.join(args.out, name))
+    manifest = {"settings": settings(args), "zero_shot": zero_shot, "classes": list(CLASSES),
+                "splits": list(splits), "build_seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(tmp, "world.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(os.path.join(tmp, "world.json"), manifest_path)
+    os.rmdir(tmp)
+    print(f"wrote {args.out}/data, {args.out}/clip, {manifest_path} in {time.time() - t0:.0f} s")
+    return manifest
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        build(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Shared pytest fixtures: a tiny random open_clip model and tiny generated image datasets.
+
+Nothing here downloads anything: the hub is switched off for the whole test session (and for
+the scripts the tests start, which inherit the environment).
+
+    tiny_clip_dir       a `local-dir:` open_clip model (embed_dim 64, 32-px images, ~3.4 M params)
+    tiny_image_dataset  a save_to_disk DatasetDict, 4 classes, train 64 / test 32, 32-px images
+    tiny_image_folder   the same kind of images as class sub-folders of PNG files
+"""
+import json
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Keep `datasets`' arrow cache (image folders are converted once) out of the home directory.
+os.environ.setdefault("HF_DATASETS_CACHE",
+                      os.path.join(tempfile.gettempdir(), "sae-ft-tests-hf-datasets"))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# A checked tiny open_clip config (ECOSYSTEM.md): vision heads = 64 / head_width 32 = 2.
+TINY_CLIP_CFG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+TINY_PREPROCESS_CFG = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
+                       "std": [0.26862954, 0.26130258, 0.27577711],
+                       "interpolation": "bicubic", "resize_mode": "shortest"}
+SHAPE_CLASSES = ["red square", "green circle", "blue triangle", "yellow cross"]
+
+
+def write_tiny_clip(path, seed=0):
+    """Write a random tiny open_clip model as a `local-dir:` folder; returns the path."""
+    import open_clip
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(path, "open_clip_model.safetensors"))
+    with open(os.path.join(path, "open_clip_config.json"), "w") as f:
+        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}, f)
+    return path
+
+
+def shape_image(label, rng, size=32):
+    """A PIL image of class `label` (SHAPE_CLASSES): a coloured shape, random size/position,
+    on a noisy grey background."""
+    from PIL import Image, ImageDraw
+    colours = [(220, 40, 40), (40, 200, 60), (50, 80, 230), (230, 210, 40)]
+    bg = rng.integers(90, 150, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    draw = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 5, size // 3))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    c = colours[label]
+    if label == 0:
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
+    elif label == 1:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+    elif label == 2:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
+    else:
+        w = max(1, r // 3)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c)
+    return img
+
+
+def make_shape_split(n, seed):
+    """{'image': [...], 'label': [...]}: n images, classes balanced and interleaved."""
+    rng = np.random.default_rng(seed)
+    labels = [i % len(SHAPE_CLASSES) for i in range(n)]
+    return {"image": [shape_image(y, rng) for y in labels], "label": labels}
+
+
+def write_shape_dataset(path, n_train=64, n_test=32, seed=0):
+    """save_to_disk a DatasetDict {train, test} of shape images with ClassLabel names."""
+    import datasets
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=SHAPE_CLASSES)})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(make_shape_split(n_train, seed), features=features),
+        "test": datasets.Dataset.from_dict(make_shape_split(n_test, seed + 1), features=features),
+    })
+    dd.save_to_disk(str(path))
+    return str(path)
+
+
+def write_image_folder(path, class_names, per_class=4, seed=0):
+    """<path>/<class name>/<i>.png with shape images (class k drawn as shape k % 4)."""
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(class_names):
+        os.makedirs(os.path.join(path, name), exist_ok=True)
+        for i in range(per_class):
+            shape_image(k % len(SHAPE_CLASSES), rng).save(os.path.join(path, name, f"{i}.png"))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """Path of a tiny random open_clip model; load it as f"local-dir:{tiny_clip_dir}"."""
+    return write_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")))
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dataset(tmp_path_factory):
+    """Path of a save_to_disk DatasetDict: train 64 / test 32, 4 shape classes, 32-px images."""
+    return write_shape_dataset(tmp_path_factory.mktemp("tiny_dataset") / "shapes")
+
+
+@pytest.fixture(scope="session")
+def tiny_image_folder(tmp_path_factory):
+    """Path of an image folder: <class name>/<i>.png, the 4 shape classes, 4 images each."""
+    root = tmp_path_factory.mktemp("tiny_folder") / "shapes"
+    return write_image_folder(str(root), [c.replace(" ", "_") for c in SHAPE_CLASSES])

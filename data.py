@@ -1,0 +1,606 @@
+"""Datasets, evaluation-set definitions, embedding extraction and the on-disk embedding cache.
+
+Every stage reads images through `load_image_dataset` (any source: a `save_to_disk` folder, an
+image folder with one sub-folder per class, or a Hugging Face hub id) and gets back a
+`datasets.Dataset` with exactly two columns, `image` (PIL) and `label` (int), already checked:
+the split and columns exist, it is not empty, the labels are integers.
+
+The six ImageNet test sets of the paper (§4; METHOD.md §4) are defined once, in `EVAL_SETS`,
+with their source, their label space and how they are scored; `score_logits` turns 1000-way
+ImageNet logits into logits over a set's own classes (200-class masks for ImageNet-R/-A, max
+pooling for ObjectNet). `load_eval_set` loads one and puts its labels into that label space,
+fixing the known traps (ImageNetV2's folders `0…999` sort as strings; ObjectNet folders that are
+not ImageNet classes).
+
+Bad user input raises `UserError("what is wrong; how to fix")`; each CLI prints `error: <msg>`
+and exits 1.
+"""
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+class UserError(Exception):
+    """Bad user input (a missing file, a wrong column, an unavailable model…). CLIs catch it,
+    print `error: <message>` and exit with status 1 — never a traceback."""
+
+
+# ============================================================================================
+# Loading any image-classification dataset
+# ============================================================================================
+
+def load_image_dataset(source, split="train", image_column="image", label_column="label",
+                       max_samples=None, cache_dir=None):
+    """Load `split` of `source` as a Dataset with columns `image` (PIL) and `label` (int).
+
+    source: a folder written by `save_to_disk` (a Dataset, or a DatasetDict — then `split` picks
+    one), an image folder (one sub-folder per class; the folder itself is the split unless it
+    has `train/`, `test/`… sub-folders), or a hub id such as `ILSVRC/imagenet-1k`.
+    max_samples: keep a fixed random subset of this size (seed 0), for quick runs — the first N
+    rows of a folder would all be one class.
+    """
+    ds = _open_split(str(source), split, cache_dir)
+    ds = _uniform_columns(ds, image_column, label_column, source)
+    _check_not_empty(ds, source, split)
+    _check_integer_labels(ds, label_column, source)
+    return _subsample(ds, max_samples)
+
+
+def _open_split(source, split, cache_dir):
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"dataset source {source} is a file; give a folder "
+                            "(save_to_disk output or an image folder) or a hub id")
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            return _load_saved(path, split, source)
+        return _load_image_folder(path, split, cache_dir)
+    if _looks_like_path(source):
+        raise UserError(f"dataset folder not found: {source}")
+    return _load_from_hub(source, split, cache_dir)
+
+
+def _looks_like_path(source):
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a missing folder.
+    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or os.sep != "/" and os.sep in source
+
+
+def _load_saved(path, split, source):
+    """A save_to_disk folder: a Dataset (its own split) or a DatasetDict (one folder per split)."""
+    import datasets
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        if split not in splits:
+            raise UserError(f"split '{split}' not found in {source}; splits: {sorted(splits)}")
+        path = path / split
+    # A saved empty dataset has no data files, and datasets cannot read it back: say so first.
+    state = json.loads((path / "state.json").read_text())
+    if not state.get("_data_files"):
+        raise UserError(f"dataset {source} (split '{split}') is empty")
+    try:
+        return datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise UserError(f"could not read the saved dataset {path}: {e}") from e
+
+
+def _load_image_folder(path, split, cache_dir):
+    import datasets
+    try:
+        loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
+    except Exception as e:  # unreadable tree, no images…: one line, not a traceback
+        raise UserError(f"could not read {path} as an image folder (one sub-folder of images "
+                        f"per class): {e}") from e
+    if split in loaded:
+        ds = loaded[split]
+    elif len(loaded) == 1:  # class sub-folders only: the folder itself is the split
+        ds = next(iter(loaded.values()))
+    else:
+        raise UserError(f"split '{split}' not found in image folder {path}; "
+                        f"splits: {sorted(loaded)}")
+    if "label" not in ds.column_names:  # datasets infers labels only from >= 2 class folders
+        raise UserError(f"image folder {path} has no class sub-folders; put each class's "
+                        "images in its own sub-folder (at least two classes)")
+    return ds
+
+
+def _load_from_hub(source, split, cache_dir):
+    import datasets
+    try:
+        return datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise UserError(f"split '{split}' not found in {source}: {e}") from e
+        raise UserError(f"could not load dataset {source}: {e}") from e
+    except Exception as e:
+        raise UserError(
+            f"could not load dataset '{source}' (split '{split}') from the Hugging Face hub: {e}. "
+            f"To get it: run once with internet access and HF_DATASETS_OFFLINE / HF_HUB_OFFLINE "
+            f"unset (gated sets also need `huggingface-cli login`), or download it with "
+            f"`huggingface-cli download --repo-type dataset {source}`, or pass a local folder "
+            f"(save_to_disk output or class sub-folders of images)") from e
+
+
+def _uniform_columns(ds, image_column, label_column, source):
+    """Keep only the image and label columns, named `image` and `label`."""
+    import datasets
+    missing = [c for c in (image_column, label_column) if c not in ds.column_names]
+    if missing:
+        raise UserError(f"column(s) {missing} not in {source}; columns that exist: "
+                        f"{ds.column_names} (choose them with the image/label column flags)")
+    ds = ds.select_columns([image_column, label_column])
+    ds = ds.rename_columns({k: v for k, v in
+                            ((image_column, "image"), (label_column, "label")) if k != v})
+    if not isinstance(ds.features["image"], datasets.Image):
+        if ds.features["image"] != datasets.Value("string"):
+            raise UserError(f"image column '{image_column}' of {source} holds "
+                            f"{ds.features['image']}, not images")
+        ds = ds.cast_column("image", datasets.Image())  # a column of file paths
+    return ds
+
+
+def _check_not_empty(ds, source, split):
+    if len(ds) == 0:
+        raise UserError(f"dataset {source} (split '{split}') is empty")
+
+
+def _check_integer_labels(ds, label_column, source):
+    import datasets
+    feature = ds.features["label"]
+    is_int = isinstance(feature, datasets.ClassLabel) or (
+        isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
+    if not is_int:
+        raise UserError(f"label column '{label_column}' of {source} holds {feature}, not integer "
+                        "class ids; pick an integer label column")
+
+
+def _subsample(ds, max_samples):
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    if max_samples < 1:
+        raise UserError(f"max_samples must be >= 1, got {max_samples}")
+    return ds.shuffle(seed=0).select(range(max_samples))
+
+
+def labels_of(dataset):
+    """All labels as a LongTensor (N,), read without decoding a single image."""
+    return torch.as_tensor(dataset.with_format("numpy")["label"], dtype=torch.long)
+
+
+def class_names(dataset, label_column="label", names_file=None):
+    """Class names, index = label. From `names_file` (one name per line; the word "imagenet"
+    means open_clip's 1000 curated ImageNet names), else from the dataset's ClassLabel feature."""
+    import datasets
+    if names_file == "imagenet":
+        from open_clip import IMAGENET_CLASSNAMES
+        names = list(IMAGENET_CLASSNAMES)
+    elif names_file is not None:
+        if not Path(names_file).is_file():
+            raise UserError(f"class-names file not found: {names_file}")
+        names = [ln.strip() for ln in Path(names_file).read_text().splitlines() if ln.strip()]
+    elif isinstance(dataset.features.get(label_column), datasets.ClassLabel):
+        names = list(dataset.features[label_column].names)
+    else:
+        raise UserError(f"the dataset's '{label_column}' column carries no class names; pass a "
+                        "class-names file (one name per line, line i = label i)")
+    check_label_range(dataset, len(names), label_column)
+    return names
+
+
+def check_label_range(dataset, num_classes, label_column="label"):
+    """Raise UserError unless every label is in 0..num_classes-1."""
+    labels = torch.as_tensor(dataset.with_format("numpy")[label_column])
+    if len(labels) == 0:
+        raise UserError("dataset is empty")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        bad = int(((labels < 0) | (labels >= num_classes)).sum())
+        raise UserError(f"{bad} label(s) outside 0..{num_classes - 1} (found min {lo}, max {hi}); "
+                        f"the class names list has {num_classes} entries")
+
+
+# ============================================================================================
+# Torch side: a Dataset wrapper, a loader, embedding extraction
+# ============================================================================================
+
+class TorchImageDataset(torch.utils.data.Dataset):
+    """(transform(image), label) pairs from a `load_image_dataset` result."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        row = self.dataset[i]
+        # Greyscale / CMYK / palette images exist in ImageNet; CLIP's transforms expect RGB.
+        return self.transform(row["image"].convert("RGB")), int(row["label"])
+
+
+def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0,
+                drop_last=False):
+    """DataLoader of (images (B,3,H,W), labels (B,)). The shuffle order and the workers' random
+    augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        TorchImageDataset(dataset, transform), batch_size=batch_size, shuffle=shuffle,
+        num_workers=workers, generator=gen, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, drop_last=drop_last)
+
+
+def extract_outputs(fn, loader, device, amp=True, desc="extract"):
+    """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
+
+    Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
+    bf16 autocast only on CUDA (METHOD §3: one GPU, bf16); CPU runs stay fp32.
+    """
+    device = torch.device(device)
+    use_amp = amp and device.type == "cuda"
+    outs, labels = [], []
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+        for images, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+            out = fn(images.to(device, non_blocking=True))
+            out = out if isinstance(out, (tuple, list)) else (out,)
+            outs.append([o.float().cpu() for o in out])
+            labels.append(y)
+    if not outs:
+        raise UserError("no batches to extract: the dataset is empty")
+    return [torch.cat(cols) for cols in zip(*outs)], torch.cat(labels).long()
+
+
+def extract_embeddings(model, loader, device, amp=True):
+    """h = model.encode_image(images), unnormalised (after the visual projection).
+
+    Returns (h float32 (N, d), labels (N,)). The model is put in eval mode for the pass and
+    its previous mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        (h,), labels = extract_outputs(model.encode_image, loader, device, amp, desc="embed")
+    finally:
+        model.train(was_training)
+    return h, labels
+
+
+# ============================================================================================
+# Embedding cache: one safetensors file per key, the key checked on every read
+# ============================================================================================
+
+def cache_path(cache_dir, key):
+    """<cache_dir>/emb-<hash of the key's JSON>.safetensors"""
+    digest = hashlib.sha256(_key_json(key).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"emb-{digest}.safetensors"
+
+
+def _key_json(key):
+    return json.dumps(key, sort_keys=True)
+
+
+def cached_embeddings(cache_dir, key, compute):
+    """Return `compute()` (a dict of tensors), computed once and then read from disk.
+
+    `key` (a JSON-able dict: model, pretrained, dataset source, split, columns, max_samples,
+    transform…) names the file and is stored inside it (safetensors metadata) and beside it
+    (`.json`, for people); a file whose stored key differs is never returned.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = cache_path(cache_dir, key)
+    if path.exists():
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == _key_json(key):
+                return {name: f.get_tensor(name) for name in f.keys()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": _key_json(key)}))
+    atomic_write(path.with_suffix(".json"),
+                  lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
+    return tensors
+
+
+def atomic_write(path, write):
+    """write(tmp_path) then os.replace: a crash leaves the old file or none, never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,
+                        max_samples, transform):
+    """The cache key for embeddings of `dataset` (a load_image_dataset result).
+
+    model_identity: a dict naming the model and its weights (models.model_identity). The
+    dataset's fingerprint changes when its files do, so a regenerated folder is recomputed."""
+    return {"model": model_identity, "source": str(source), "split": split,
+            "image_column": image_column, "label_column": label_column,
+            "max_samples": max_samples, "transform": repr(transform),
+            "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset)}
+
+
+# ============================================================================================
+# The ImageNet test sets (§4; METHOD.md §4)
+# ============================================================================================
+# Label spaces. Each eval set has C classes; class c pools (max) over the ImageNet logit
+# columns CLASS_MAP[c]. Labels are positions in that list.
+
+# ImageNet-R (Hendrycks et al. 2021): its 200 ImageNet classes, ascending. Sorted ImageNet
+# indices = sorted wnids, so label p (p-th sorted wnid folder) is logit column IMAGENET_R[p].
+# Same list as mlfoundations/wise-ft and timm's imagenet_r_indices.txt (a test checks timm's).
+IMAGENET_R = (
+    1, 2, 4, 6, 8, 9, 11, 13, 22, 23, 26, 29, 31, 39, 47, 63, 71, 76, 79, 84, 90, 94, 96, 97, 99,
+    100, 105, 107, 113, 122, 125, 130, 132, 144, 145, 147, 148, 150, 151, 155, 160, 161, 162, 163,
+    171, 172, 178, 187, 195, 199, 203, 207, 208, 219, 231, 232, 234, 235, 242, 245, 247, 250, 251,
+    254, 259, 260, 263, 265, 267, 269, 276, 277, 281, 288, 289, 291, 292, 293, 296, 299, 301, 308,
+    309, 310, 311, 314, 315, 319, 323, 327, 330, 334, 335, 337, 338, 340, 341, 344, 347, 353, 355,
+    361, 362, 365, 366, 367, 368, 372, 388, 390, 393, 397, 401, 407, 413, 414, 425, 428, 430, 435,
+    437, 441, 447, 448, 457, 462, 463, 469, 470, 471, 472, 476, 483, 487, 515, 546, 555, 558, 570,
+    579, 583, 587, 593, 594, 596, 609, 613, 617, 621, 629, 637, 657, 658, 701, 717, 724, 763, 768,
+    774, 776, 779, 780, 787, 805, 812, 815, 820, 824, 833, 847, 852, 866, 875, 883, 889, 895, 907,
+    928, 931, 932, 933, 934, 936, 937, 943, 945, 947, 948, 949, 951, 953, 954, 957, 963, 965, 967,
+    980, 981, 983, 988)
+
+# ImageNet-A (Hendrycks et al. 2021): its 200 ImageNet classes, ascending (wise-ft; timm's
+# imagenet_a_indices.txt).
+IMAGENET_A = (
+    6, 11, 13, 15, 17, 22, 23, 27, 30, 37, 39, 42, 47, 50, 57, 70, 71, 76, 79, 89, 90, 94, 96, 97,
+    99, 105, 107, 108, 110, 113, 124, 125, 130, 132, 143, 144, 150, 151, 207, 234, 235, 254, 277,
+    283, 287, 291, 295, 298, 301, 306, 307, 308, 309, 310, 311, 313, 314, 315, 317, 319, 323, 324,
+    326, 327, 330, 334, 335, 336, 347, 361, 363, 372, 378, 386, 397, 400, 401, 402, 404, 407, 411,
+    416, 417, 420, 425, 428, 430, 437, 438, 445, 456, 457, 461, 462, 470, 472, 483, 486, 488, 492,
+    496, 514, 516, 528, 530, 539, 542, 543, 549, 552, 557, 561, 562, 569, 572, 573, 575, 579, 589,
+    606, 607, 609, 614, 626, 627, 640, 641, 642, 643, 658, 668, 677, 682, 684, 687, 701, 704, 719,
+    736, 746, 749, 752, 758, 763, 765, 768, 773, 774, 776, 779, 780, 786, 792, 797, 802, 803, 804,
+    813, 815, 820, 823, 831, 833, 835, 839, 845, 847, 850, 859, 862, 870, 879, 880, 888, 890, 897,
+    900, 907, 913, 924, 932, 933, 934, 937, 943, 945, 947, 951, 954, 956, 957, 959, 971, 972, 980,
+    981, 984, 986, 987, 988)
+
+# ObjectNet (Barbu et al. 2019): the 113 ObjectNet classes that overlap ImageNet, keyed by their
+# folder name in objectnet-1.0/images/, each with the ImageNet classes it covers (125 in all).
+# Resolved from ObjectNet's own objectnet_to_imagenet_1k.json + folder_to_objectnet_label.json
+# (as shipped in mlfoundations/wise-ft), each ImageNet synset name matched to its index.
+# Labels are positions in sorted(folder names), as in wise-ft.
+OBJECTNET_TO_IMAGENET = {
+    "alarm_clock": [409, 530], "backpack": [414], "banana": [954], "band_aid": [419],
+    "basket": [790], "beer_bottle": [440], "bench": [703], "bicycle": [671, 444],
+    "binder_closed": [446], "bottle_cap": [455], "bread_loaf": [930], "broom": [462],
+    "bucket": [463], "butchers_knife": [499], "can_opener": [473], "candle": [470],
+    "cellphone": [487], "chair": [423, 559, 765], "clothes_hamper": [588],
+    "coffee_french_press": [550], "combination_lock": [507], "computer_mouse": [673],
+    "desk_lamp": [846], "doormat": [539], "dress": [578], "dress_shoe_men": [630], "drill": [740],
+    "drinking_cup": [968], "drying_rack_for_dishes": [729], "envelope": [549], "fan": [545],
+    "frying_pan": [567], "full_sized_towel": [434], "hair_dryer": [589], "hammer": [587],
+    "hand_towel_or_rag": [533], "helmet": [560, 518], "iron_for_clothes": [606], "jeans": [608],
+    "keyboard": [508], "ladle": [618], "lampshade": [619], "laptop_open": [620], "lemon": [951],
+    "letter_opener": [623], "lighter": [626], "lipstick": [629], "match": [644],
+    "measuring_cup": [647], "microwave": [651], "mixing_salad_bowl": [659], "monitor": [664],
+    "mug": [504], "nail_fastener": [677], "necklace": [679], "orange": [950], "padlock": [695],
+    "paintbrush": [696], "paper_towel": [700], "pen": [418, 749, 563], "pill_bottle": [720],
+    "pillow": [721], "pitcher": [725], "plastic_bag": [728], "plate": [923], "plunger": [731],
+    "pop_can": [737], "portable_heater": [811], "printer": [742], "remote_control": [761],
+    "ruler": [769], "running_shoe": [770], "safety_pin": [772], "salt_shaker": [773],
+    "sandal": [774], "screw": [783], "shovel": [792], "skirt": [601, 655, 689],
+    "sleeping_bag": [797], "soap_dispenser": [804], "sock": [806], "soup_bowl": [809],
+    "spatula": [813], "speaker": [632], "still_camera": [732, 759], "strainer": [828],
+    "stuffed_animal": [850], "suit_jacket": [834], "sunglasses": [837], "sweater": [841],
+    "swimming_trunks": [842], "t-shirt": [610], "teapot": [849], "tennis_racket": [752],
+    "tie": [457, 906], "toaster": [859], "toilet_paper_roll": [999], "trash_bin": [412],
+    "tray": [868], "tv": [851], "umbrella": [879], "vacuum_cleaner": [882], "vase": [883],
+    "wallet": [893], "watch": [531], "water_bottle": [898], "weight_exercise": [543],
+    "weight_scale": [778], "wheel": [479, 694], "whistle": [902], "wine_bottle": [907],
+    "winter_glove": [658], "wok": [909],
+}
+OBJECTNET_CLASSES = tuple(sorted(OBJECTNET_TO_IMAGENET))
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One ImageNet test set: where it comes from, its classes, how it is scored."""
+    name: str
+    hub_id: str | None        # HF datasets id; None = local folder only (see how_to_get)
+    split: str                # split of hub_id
+    image_column: str
+    label_column: str         # ints, or wnid strings (mapped to this set's label space)
+    layout: str               # what a local folder must look like
+    how_to_get: str
+    scoring: str              # how the set is scored (the paper's protocol)
+    border_crop: int = 0      # pixels cut from each side before the transform (ObjectNet)
+
+
+EVAL_SETS = {s.name: s for s in (
+    EvalSet("imagenet", "ILSVRC/imagenet-1k", "validation", "image", "label",
+            "val/<wnid>/*.JPEG (1000 wnid folders)",
+            "gated on the hub: accept the terms on the dataset page, `huggingface-cli login`, "
+            "then `huggingface-cli download --repo-type dataset ILSVRC/imagenet-1k`",
+            "ID accuracy: argmax over all 1000 logits"),
+    EvalSet("imagenet-v2", None, "train", "image", "label",
+            "imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg (folder k = class k)",
+            "download imagenetv2-matched-frequency.tar.gz (the ImageNetV2 release, also on the "
+            "hub as vaishaal/ImageNetV2) and extract it; pass the extracted folder as source",
+            "matched-frequency split; argmax over all 1000 logits. Folders 0..999 sort as "
+            "strings, so labels are remapped from the folder names (folder '10' is class 10)"),
+    EvalSet("imagenet-r", "axiong/imagenet-r", "test", "image", "wnid",
+            "imagenet-r/<wnid>/*.jpg (200 wnid folders)",
+            "`huggingface-cli download --repo-type dataset axiong/imagenet-r`, or the "
+            "imagenet-r.tar from the ImageNet-R release, extracted",
+            "200-class subset: keep the 200 logit columns IMAGENET_R, argmax among them"),
+    EvalSet("imagenet-a", "axiong/imagenet-a", "test", "image", "wnid",
+            "imagenet-a/<wnid>/*.jpg (200 wnid folders)",
+            "`huggingface-cli download --repo-type dataset axiong/imagenet-a`, or the "
+            "imagenet-a.tar from the ImageNet-A release, extracted",
+            "200-class subset: keep the 200 logit columns IMAGENET_A, argmax among them"),
+    EvalSet("imagenet-sketch", "songweig/imagenet_sketch", "train", "image", "label",
+            "sketch/<wnid>/*.JPEG (1000 wnid folders)",
+            "`huggingface-cli download --repo-type dataset songweig/imagenet_sketch`",
+            "argmax over all 1000 logits"),
+    EvalSet("objectnet", None, "train", "image", "label",
+            "objectnet-1.0/images/<folder>/*.png (313 folders; the 113 in "
+            "OBJECTNET_TO_IMAGENET are kept, the rest dropped)",
+            "manual download (licence) from objectnet.dev; extract and pass objectnet-1.0/images",
+            "113 classes: each class logit = max over its mapped ImageNet logits "
+            "(OBJECTNET_TO_IMAGENET); images lose a 2-px border first", border_crop=2),
+)}
+
+
+def eval_class_map(name):
+    """For eval set `name`: one list of ImageNet logit columns per class (pooled with max)."""
+    if name in ("imagenet", "imagenet-v2", "imagenet-sketch"):
+        return [[i] for i in range(1000)]
+    if name == "imagenet-r":
+        return [[i] for i in IMAGENET_R]
+    if name == "imagenet-a":
+        return [[i] for i in IMAGENET_A]
+    if name == "objectnet":
+        return [OBJECTNET_TO_IMAGENET[f] for f in OBJECTNET_CLASSES]
+    raise UserError(f"unknown eval set '{name}'; known: {sorted(EVAL_SETS)}")
+
+
+def score_logits(logits, eval_set_name):
+    """Logits over the set's own classes from (N, 1000) ImageNet logits.
+
+    ImageNet / V2 / Sketch: unchanged. R / A: the 200 subset columns (argmax among them; labels
+    are 0..199 in sorted-wnid order). ObjectNet: (N, 113), class c = max over its mapped
+    ImageNet columns. A name that is not an ImageNet eval set (a generic dataset scored on
+    all its classes) returns the logits unchanged.
+    """
+    if eval_set_name not in EVAL_SETS:
+        return logits
+    if logits.shape[-1] != 1000:
+        raise UserError(f"eval set {eval_set_name} needs 1000-way ImageNet logits, "
+                        f"got {logits.shape[-1]}")
+    groups = eval_class_map(eval_set_name)
+    width = max(len(g) for g in groups)
+    # Pad each group by repeating its first column: repeats cannot change a max.
+    index = torch.tensor([g + g[:1] * (width - len(g)) for g in groups], device=logits.device)
+    return logits[:, index].amax(dim=-1)  # (N, C, width) -> (N, C)
+
+
+def eval_transform(eval_set_name, preprocess):
+    """The eval transform for a set: ObjectNet first cuts a 2-px border (its images have one)."""
+    s = EVAL_SETS.get(eval_set_name)
+    if s is None or not s.border_crop:
+        return preprocess
+    b = s.border_crop
+
+    def crop_then_preprocess(img):
+        w, h = img.size
+        return preprocess(img.crop((b, b, w - b, h - b)))
+    return crop_then_preprocess
+
+
+def load_eval_set(name, source=None, split=None, image_column=None, label_column=None,
+                  max_samples=None, cache_dir=None):
+    """Load an eval set with labels in its own label space (see EVAL_SETS / score_logits).
+
+    `name` is a key of EVAL_SETS (source defaults to its hub id; pass a local folder to override)
+    or, for any other dataset, a `load_image_dataset` source scored on all its classes.
+    """
+    s = EVAL_SETS.get(name)
+    if s is None:
+        return load_image_dataset(name, split or "test", image_column or "image",
+                                  label_column or "label", max_samples, cache_dir)
+    source = source or s.hub_id
+    if source is None:
+        raise UserError(f"eval set '{name}' has no hub copy; {s.how_to_get}. Expected layout: "
+                        f"{s.layout}")
+    split = split or s.split
+    try:
+        ds = _open_split(str(source), split, cache_dir)
+    except UserError as e:
+        raise UserError(f"{e}. For {name}: {s.how_to_get}; local layout: {s.layout}") from e
+    # Column defaults: the set's own names (hub copies), else image/label (image folders).
+    image_column = image_column or _first_present(ds, s.image_column, "image")
+    label_column = label_column or _first_present(ds, s.label_column, "label")
+    ds = _uniform_columns(ds, image_column, label_column, source)
+    ds = _to_label_space(ds, name, source)
+    _check_not_empty(ds, source, split)
+    return _subsample(ds, max_samples)
+
+
+def _first_present(ds, *columns):
+    return next((c for c in columns if c in ds.column_names), columns[0])
+
+
+_WNID = re.compile(r"n\d{8}")
+
+
+def imagenet_wnids():
+    """The 1000 ImageNet-1k wnids in label order (= sorted), from timm (an open_clip dependency)."""
+    from timm.data import ImageNetInfo
+    return list(ImageNetInfo().label_names())
+
+
+def numeric_folder_labels(folder_names):
+    """ImageNetV2 trap: folders '0'..'999' come sorted as strings ('0','1','10','100',…), so the
+    loader's label i is folder folder_names[i]. Returns the true class of each loader label."""
+    return [int(n) for n in folder_names]
+
+
+def _raw_label_names(ds):
+    """The label of every row as a string name (folder / wnid), or None if labels are bare ints."""
+    import datasets
+    feature = ds.features["label"]
+    raw = ds.with_format("numpy")["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return [feature.names[i] for i in raw]
+    if feature == datasets.Value("string"):
+        return list(raw)
+    return None
+
+
+def _name_to_class(name, names):
+    """Map folder/wnid names to positions in eval set `name`'s class list (None = not in set)."""
+    groups = eval_class_map(name)
+    if name == "objectnet":
+        pos = {f: i for i, f in enumerate(OBJECTNET_CLASSES)}
+        return {n: pos.get(n) for n in names}
+    pos = {g[0]: i for i, g in enumerate(groups)}  # ImageNet index -> position in this set
+    if all(_WNID.fullmatch(n) for n in names):
+        wnid_index = {w: i for i, w in enumerate(imagenet_wnids())}
+        return {n: pos.get(wnid_index.get(n)) for n in names}
+    if all(n.isdigit() for n in names):
+        return {n: pos.get(i) for n, i in zip(names, numeric_folder_labels(names))}
+    return None
+
+
+def _to_label_space(ds, name, source):
+    """Relabel rows of an ImageNet eval set into the set's label space (drop rows not in it)."""
+    import datasets
+    names = _raw_label_names(ds)
+    mapping = _name_to_class(name, sorted(set(names))) if names is not None else None
+    num = len(eval_class_map(name))
+    if mapping is None:  # bare ints, or unrecognised names: must already be in the label space
+        _check_integer_labels(ds, "label", source)
+        check_label_range(ds, num)
+        return ds
+    unknown = sorted(n for n, c in mapping.items() if c is None)
+    # Only ObjectNet has folders outside its label space, and never all of them.
+    if unknown and (name != "objectnet" or len(unknown) == len(mapping)):
+        raise UserError(f"{source}: {len(unknown)} class folder(s)/wnid(s) not in {name}'s "
+                        f"classes, e.g. {unknown[:5]}; expected layout: {EVAL_SETS[name].layout}")
+    # -1 is datasets' "no label" value: rows outside the label space (ObjectNet's other 200
+    # folders) get it and are then dropped with an index mapping, which copies no images.
+    labels = [-1 if mapping[n] is None else mapping[n] for n in names]
+    feature = datasets.ClassLabel(names=_class_label_names(name))
+    ds = ds.remove_columns("label").add_column("label", labels, feature=feature)
+    keep = [i for i, y in enumerate(labels) if y >= 0]
+    return ds if len(keep) == len(labels) else ds.select(keep)
+
+
+def _class_label_names(name):
+    """Unique names for the set's classes: wnids (CLIP's curated names repeat two)."""
+    if name == "objectnet":
+        return list(OBJECTNET_CLASSES)
+    wnids = imagenet_wnids()
+    return [wnids[g[0]] for g in eval_class_map(name)]

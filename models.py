@@ -1,0 +1,323 @@
+"""CLIP through open_clip: loading, the zero-shot head, the classifier we fine-tune, its
+checkpoints, and WiSE-FT weight interpolation.
+
+    model, pre_train, pre_val, tok = load_clip("ViT-B-16", "openai")     # QuickGELU set for you
+    W = zero_shot_weights(model, tok, classnames, TEMPLATES["openai_imagenet"], device)  # (C, d)
+    clf = ImageClassifier(model.visual, W, model.logit_scale.exp().item())
+    logits, h = clf(images)               # logits = exp(logit_scale) · W · normalise(h) + b
+
+METHOD.md §2 (zero-shot head: per class, embed every template, L2-normalise each, average,
+L2-normalise again) and §3 (recipe; WiSE-FT θ_α = (1 − α)θ0 + αθ1 over every parameter, head
+included). A checkpoint is `model.safetensors` + `config.json`; the config holds everything
+that rebuilds the architecture, so loading one never downloads anything.
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import UserError, atomic_write
+
+WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+# File names open_clip's `local-dir:` loader looks for, in its order of preference
+# (open_clip/factory.py, _find_checkpoint_in_dir); any other *.safetensors/*.bin/*.pth is a
+# last resort.
+LOCAL_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                     "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth",
+                     "model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+# ============================================================================================
+# Loading CLIP
+# ============================================================================================
+
+def needs_quick_gelu(model_name, pretrained, force_quick_gelu=None):
+    """Whether to build the model with QuickGELU.
+
+    OpenAI's weights were trained with QuickGELU; open_clip's plain `ViT-B-16` config uses
+    nn.GELU and only warns, which silently costs accuracy (METHOD §3). So pretrained='openai'
+    on a name without '-quickgelu' turns it on. An explicit True/False always wins — pass True
+    when `pretrained` is a file holding OpenAI-derived weights (e.g. our own fine-tuned ones).
+    """
+    if force_quick_gelu is not None:
+        return bool(force_quick_gelu)
+    return pretrained == "openai" and "-quickgelu" not in model_name.lower()
+
+
+def load_clip(model_name, pretrained=None, device="cpu", force_quick_gelu=None, cache_dir=None):
+    """open_clip model + (train, val) transforms + tokenizer, failing with a UserError that says
+    how to fix it.
+
+    model_name: a built-in name (`python -c "import open_clip; print(open_clip.list_models())"`),
+    `hf-hub:org/repo`, or `local-dir:/path` (open_clip_config.json + weights, see
+    LOCAL_DIR_WEIGHTS). pretrained: a tag of a built-in name (`open_clip.list_pretrained()`) or a
+    checkpoint file; ignored with hf-hub:/local-dir:.
+    """
+    import open_clip
+    quick_gelu = needs_quick_gelu(model_name, pretrained, force_quick_gelu)
+    _check_model_source(model_name, pretrained)
+    try:
+        model, pre_train, pre_val = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, force_quick_gelu=quick_gelu,
+            cache_dir=cache_dir)
+        tokenizer = open_clip.get_tokenizer(model_name, cache_dir=cache_dir)
+    except Exception as e:
+        raise UserError(_how_to_get(model_name, pretrained, e)) from e
+    model.eval()
+    return model, pre_train, pre_val, tokenizer
+
+
+def _check_model_source(model_name, pretrained):
+    """Reject unknown names / tags / missing files before open_clip tries anything slow."""
+    import open_clip
+    if model_name.startswith("hf-hub:"):
+        return
+    if model_name.startswith("local-dir:"):
+        return _check_local_dir(Path(model_name[len("local-dir:"):]))
+    name = model_name.replace("/", "-")
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model '{model_name}'; list the names with "
+                        "`python -c \"import open_clip; print(open_clip.list_models())\"`, or "
+                        "use hf-hub:org/repo or local-dir:/path")
+    if pretrained and not open_clip.get_pretrained_cfg(name, pretrained) \
+            and not os.path.isfile(pretrained):
+        raise UserError(f"'{pretrained}' is neither a pretrained tag of {name} nor a file; "
+                        f"tags: {open_clip.list_pretrained_tags_by_model(name)}")
+
+
+def _check_local_dir(path):
+    if not (path / "open_clip_config.json").is_file():
+        raise UserError(f"local-dir:{path} needs an open_clip_config.json "
+                        '({"model_cfg": {...}, "preprocess_cfg": {...}}) beside the weights')
+    found = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pth")]
+    if not found:  # open_clip would only warn and hand back random weights
+        raise UserError(f"no weights in local-dir:{path}; expected one of {LOCAL_DIR_WEIGHTS}")
+
+
+def _how_to_get(model_name, pretrained, error):
+    if model_name.startswith("local-dir:"):
+        return f"could not load {model_name}: {error}"
+    what = model_name if model_name.startswith("hf-hub:") else f"{model_name} / {pretrained}"
+    return (f"could not load the weights of {what}: {error}. They are downloaded from the "
+            "Hugging Face hub on first use: run once with internet access and HF_HUB_OFFLINE "
+            "unset (or =0), or pass a local file as pretrained / a local-dir: folder")
+
+
+def model_identity(model_name, pretrained=None, force_quick_gelu=None):
+    """A JSON-able dict naming a model's weights, for cache keys. Local weight files add their
+    size and mtime, so re-training into the same path invalidates the cache."""
+    _check_model_source(model_name, pretrained)        # a clear error before touching files
+    ident = {"model_name": model_name, "pretrained": pretrained,
+             "quick_gelu": needs_quick_gelu(model_name, pretrained, force_quick_gelu)}
+    local = [pretrained] if pretrained and os.path.isfile(pretrained) else []
+    if model_name.startswith("local-dir:"):
+        d = Path(model_name[len("local-dir:"):])
+        local = sorted(str(p) for p in d.iterdir() if p.suffix in (".safetensors", ".bin", ".pth"))
+        local.append(str(d / "open_clip_config.json"))
+    ident["files"] = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in local}
+    return ident
+
+
+def model_config(model_name, quick_gelu, cache_dir=None):
+    """The open_clip architecture config (`model_cfg`) of a model name, with QuickGELU
+    resolved — what `build_visual` needs to rebuild the image tower without downloads."""
+    import open_clip
+    if model_name.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+        path = hf_hub_download(model_name[len("hf-hub:"):], "open_clip_config.json",
+                               cache_dir=cache_dir)  # cached by load_clip already
+        cfg = json.loads(Path(path).read_text())["model_cfg"]
+    else:
+        cfg = open_clip.get_model_config(model_name.replace("/", "-")
+                                         if ":" not in model_name else model_name)
+    cfg = dict(cfg)
+    if quick_gelu:
+        cfg["quick_gelu"] = True
+    return cfg
+
+
+def build_visual(model_cfg):
+    """A randomly initialised open_clip image tower for `model_cfg` (weights loaded after)."""
+    from open_clip.model import _build_vision_tower  # the builder CLIP itself uses
+    return _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
+                               quick_gelu=model_cfg.get("quick_gelu", False))
+
+
+def transforms_from_config(config):
+    """(train, val) transforms of a saved classifier, from its preprocess_cfg (open_clip's
+    defaults: RandomResizedCrop scale 0.9–1, bicubic, for train; resize + centre crop for val)."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg
+    cfg = PreprocessCfg(**{k: tuple(v) if isinstance(v, list) else v
+                           for k, v in config["preprocess_cfg"].items()})
+    return (open_clip.transform.image_transform_v2(cfg, is_train=True),
+            open_clip.transform.image_transform_v2(cfg, is_train=False))
+
+
+# ============================================================================================
+# Zero-shot head (§3; METHOD.md §2)
+# ============================================================================================
+
+def _openai_imagenet_templates():
+    from open_clip import OPENAI_IMAGENET_TEMPLATES  # 80 callables c -> str
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
+
+
+TEMPLATES = {
+    "openai_imagenet": _openai_imagenet_templates(),
+    "simple": ["a photo of a {}."],
+}
+
+
+def load_templates(spec):
+    """A key of TEMPLATES, or a text file with one template per line, each containing `{}`."""
+    if spec in TEMPLATES:
+        return list(TEMPLATES[spec])
+    if not Path(spec).is_file():
+        raise UserError(f"templates '{spec}': not one of {sorted(TEMPLATES)} and not a file")
+    lines = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    bad = [ln for ln in lines if "{}" not in ln]
+    if not lines or bad:
+        raise UserError(f"templates file {spec}: every line needs a {{}} where the class name "
+                        f"goes; bad lines: {bad[:3]}" if bad else f"templates file {spec} is empty")
+    return lines
+
+
+def imagenet_classnames():
+    """The 1000 ImageNet class names curated by OpenAI, as open_clip ships them."""
+    from open_clip import IMAGENET_CLASSNAMES
+    return list(IMAGENET_CLASSNAMES)
+
+
+def zero_shot_weights(model, tokenizer, classnames, templates, device, classes_per_batch=16):
+    """W (C, d), float32: per class, embed every template, L2-normalise each, average,
+    L2-normalise again (§3). Text embeddings run in fp32 under inference mode."""
+    rows = []
+    model = model.to(device)
+    with torch.inference_mode():
+        for i in range(0, len(classnames), classes_per_batch):
+            names = classnames[i:i + classes_per_batch]
+            texts = [t.replace("{}", c) for c in names for t in templates]
+            emb = model.encode_text(tokenizer(texts).to(device)).float()   # (c·T, d)
+            emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1)
+            rows.append(F.normalize(emb.mean(dim=1), dim=-1))              # (c, d)
+    return torch.cat(rows).clone()  # clone: a normal tensor, usable outside inference mode
+
+
+# ============================================================================================
+# The classifier we fine-tune
+# ============================================================================================
+
+class ImageClassifier(nn.Module):
+    """CLIP image tower + linear head on the unit-normalised embedding.
+
+        h = visual(images)                    (B, d)  unnormalised, after the projection
+        logits = head(h / ||h||)              (B, C)  head = exp(logit_scale)·W, bias 0 at init
+    """
+
+    def __init__(self, visual, weights, logit_scale):
+        super().__init__()
+        self.visual = visual
+        num_classes, dim = weights.shape
+        self.head = nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.head.weight.copy_(logit_scale * weights)
+            self.head.bias.zero_()
+
+    def encode(self, images):
+        """h (B, d), the unnormalised embedding (what model.encode_image returns)."""
+        return self.visual(images)
+
+    encode_image = encode  # so data.extract_embeddings works on a classifier too
+
+    def forward(self, images):
+        h = self.encode(images)
+        return self.head(F.normalize(h, dim=-1)), h
+
+    def set_grad_checkpointing(self, on=True):
+        self.visual.set_grad_checkpointing(on)
+
+
+def zero_shot_classifier(model_name, pretrained, classnames, templates, device="cpu",
+                         force_quick_gelu=None, cache_dir=None):
+    """(clf, preprocess_train, preprocess_val, config): the zero-shot ImageClassifier and the
+    config that `save_classifier` stores to rebuild it."""
+    import open_clip
+    model, pre_train, pre_val, tokenizer = load_clip(model_name, pretrained, device,
+                                                     force_quick_gelu, cache_dir)
+    W = zero_shot_weights(model, tokenizer, list(classnames), templates, device)
+    clf = ImageClassifier(model.visual, W, model.logit_scale.exp().item()).to(device)
+    quick_gelu = needs_quick_gelu(model_name, pretrained, force_quick_gelu)
+    config = {
+        "model_name": model_name, "pretrained": pretrained, "force_quick_gelu": quick_gelu,
+        "model_cfg": model_config(model_name, quick_gelu, cache_dir),
+        "preprocess_cfg": dict(open_clip.get_model_preprocess_cfg(model)),
+        "num_classes": len(classnames), "embed_dim": W.shape[1],
+        "classnames": list(classnames), "templates": list(templates),
+        "logit_scale": model.logit_scale.exp().item(),
+    }
+    return clf, pre_train, pre_val, config
+
+
+# ============================================================================================
+# Checkpoints: model.safetensors + config.json
+# ============================================================================================
+
+def save_classifier(out_dir, clf, config):
+    """Write <out_dir>/model.safetensors and <out_dir>/config.json, each atomically."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()}
+    config = dict(config, num_classes=clf.head.out_features, embed_dim=clf.head.in_features)
+    atomic_write(out / WEIGHT_FILE, lambda tmp: save_file(state, tmp))
+    atomic_write(out / CONFIG_FILE,
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=1)))
+
+
+def load_classifier(model_dir, device="cpu"):
+    """(clf, config) from a save_classifier folder; rebuilds the architecture from the config
+    (no download) and loads the weights strictly."""
+    from safetensors.torch import load_file
+    d = Path(model_dir)
+    missing = [f for f in (WEIGHT_FILE, CONFIG_FILE) if not (d / f).is_file()]
+    if missing:
+        raise UserError(f"{model_dir} is not a saved classifier: missing {missing}")
+    config = json.loads((d / CONFIG_FILE).read_text())
+    visual = build_visual(config["model_cfg"])
+    clf = ImageClassifier(visual, torch.zeros(config["num_classes"], config["embed_dim"]), 1.0)
+    try:
+        clf.load_state_dict(load_file(str(d / WEIGHT_FILE)), strict=True)
+    except RuntimeError as e:
+        raise UserError(f"weights in {d / WEIGHT_FILE} do not match its config.json: {e}") from e
+    return clf.to(device).eval(), config
+
+
+# ============================================================================================
+# WiSE-FT (Wortsman et al. 2022; METHOD.md §3)
+# ============================================================================================
+
+def wise_ft(state0, state1, alpha):
+    """θ_α = (1 − α)·θ0 + α·θ1 for every floating tensor (image tower and head alike).
+
+    α = 0 gives θ0 and α = 1 gives θ1 exactly. Non-floating tensors must agree and are kept.
+    """
+    if state0.keys() != state1.keys():
+        diff = sorted(set(state0) ^ set(state1))
+        raise UserError(f"WiSE-FT needs two models of one architecture; keys differ: {diff[:5]}")
+    out = {}
+    for k, a in state0.items():
+        b = state1[k]
+        if a.shape != b.shape:
+            raise UserError(f"WiSE-FT: {k} has shape {tuple(a.shape)} vs {tuple(b.shape)}")
+        if a.is_floating_point():
+            out[k] = (1 - alpha) * a + alpha * b.to(a.dtype)
+        elif torch.equal(a, b):
+            out[k] = a.clone()
+        else:
+            raise UserError(f"WiSE-FT: non-floating tensor {k} differs between the models")
+    return out

@@ -1,0 +1,195 @@
+"""Smoke and invariant tests of finetune.py (stage 2) on a tiny random CLIP and generated images.
+
+One test runs the script through its command line (subprocess); the rest call `finetune.main`
+with the same argument list in-process, which skips the ~7 s of imports a fresh interpreter
+costs on a busy machine. `main` is exactly what the command line runs: bad input ends in
+SystemExit("error: ..."), which the interpreter prints as one line with exit status 1.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+import models
+from sae import TopKSAE
+
+HERE = Path(__file__).parent
+# 64 train images, micro-batch 8: 8 optimiser steps per epoch; 1-step warm-up so weights move.
+TINY = ["--batch-size", "8", "--accum-steps", "1", "--epochs", "1", "--lr", "1e-3",
+        "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--probe-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def sae_dir(tiny_clip_dir, tmp_path_factory):
+    """A frozen SAE for the tiny model (random atoms are enough to exercise every term)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sae")
+    TopKSAE(64, 256, 8).save(path, {"model": f"local-dir:{tiny_clip_dir}", "pretrained": None,
+                                    "force_quick_gelu": False})
+    return str(path)
+
+
+@pytest.fixture
+def base(tiny_clip_dir, tiny_image_dataset):
+    return ["--model", f"local-dir:{tiny_clip_dir}", "--train-data", tiny_image_dataset] + TINY
+
+
+def read_jsonl(path):
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines()]
+
+
+def fails(argv):
+    """The `error: ...` message main() exits with (one line, exit status 1 on the CLI)."""
+    with pytest.raises(SystemExit) as e:
+        finetune.main(argv)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_cli_end_to_end(base, sae_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(HERE / "finetune.py"), *base, "--sae", sae_dir,
+           "--reg", "sae-preserve", "--accum-steps", "2", "--probe-every", "2", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4  # 64 images / effective batch 16
+    assert re.fullmatch(r"step 4 \| ce \S+ \| res \S+ \| pres \S+ \| reg \S+ \| acc [\d.]+ \| "
+                        r"lr \S+ \| \d+ ms/step", lines[-1]), lines[-1]
+    log = read_jsonl(out / "train_log.jsonl")
+    assert [rec["step"] for rec in log] == [1, 2, 3, 4]
+    assert {"ce", "res", "pres", "reg", "acc", "lr", "ms_per_step"} <= set(log[0])
+    probes = read_jsonl(out / "probe.jsonl")
+    assert [p["step"] for p in probes] == [0, 2, 4]
+    assert probes[0]["overlap"] == 1.0 and probes[-1]["overlap"] < 1.0  # zero-shot vs moved
+    assert all(p["fvu"] > 0 for p in probes)
+    clf, config = models.load_classifier(out)
+    logits, h = clf(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 4) and h.shape == (2, 64)
+    assert config["regulariser"]["reg"] == "sae-preserve" and config["steps"] == 4
+    assert config["classnames"] == ["red square", "green circle", "blue triangle", "yellow cross"]
+    assert config["args"]["lam"] == 1000.0
+    saved = load_file(out / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in clf.state_dict().items())
+    assert json.loads((out / "summary.json").read_text())["finished"] is True
+    # A finished run is never replaced silently: the same command again fails, exit 1.
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"error: {out} already holds a run (model.safetensors, checkpoint.pt); pass --resume to "
+        "continue it, --overwrite to replace it, or choose another --out"]
+    assert load_file(out / "model.safetensors").keys() == saved.keys()
+
+
+TERMS = {"none": set(), "l2": {"l2"}, "l1": {"l1"}, "sae-sparse": {"res", "sparse"},
+         "sae-preserve": {"res", "pres"}, "sae-preserve-remove": {"res", "pres", "remove"}}
+
+
+@pytest.mark.parametrize("reg", list(TERMS))
+def test_each_regulariser_logs_its_terms(reg, base, sae_dir, tmp_path):
+    sae = ["--sae", sae_dir] if reg.startswith("sae") else []
+    finetune.main([*base, *sae, "--reg", reg, "--max-steps", "3", "--out", str(tmp_path)])
+    log = read_jsonl(tmp_path / "train_log.jsonl")
+    assert set(log[0]) - {"step", "epoch", "acc", "lr", "grad_norm", "ms_per_step"} == \
+        {"ce", "reg"} | TERMS[reg]
+    # Step 1: fθ = f0 and the frozen copy sees the same augmented crops, so R is ~0 (float
+    # noise; another crop would give R/λ ~ 1e-3).
+    assert abs(log[0]["reg"]) / 1000 < 1e-6
+    if reg == "none":
+        assert all(rec["reg"] == 0.0 for rec in log)
+    else:  # once the weights have moved, R > 0
+        assert log[-1]["reg"] > 0
+
+
+def test_resume_ends_with_the_uninterrupted_weights(base, sae_dir, tmp_path):
+    run = [*base, "--sae", sae_dir, "--reg", "sae-preserve", "--epochs", "2", "--accum-steps",
+           "2", "--probe-every", "0"]  # 4 steps/epoch, 8 in all, random crops on
+    finetune.main([*run, "--out", str(tmp_path / "full")])
+    part = tmp_path / "part"
+    finetune.main([*run, "--max-steps", "3", "--save-every", "2", "--out", str(part)])
+    # What a run killed after step 3 would leave: a log line past its last checkpoint.
+    with open(part / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 4, "reg": -1.0}) + "\n")
+    assert fails([*run, "--lr", "2e-3", "--resume", "--out", str(part)]).startswith(
+        "error: --resume needs the settings of the run")
+    finetune.main([*run, "--resume", "--workers", "1", "--out", str(part)])
+    a, b = load_file(tmp_path / "full" / "model.safetensors"), load_file(part / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    full_log, part_log = read_jsonl(tmp_path / "full/train_log.jsonl"), read_jsonl(
+        part / "train_log.jsonl")
+    assert [r["step"] for r in part_log] == list(range(1, 9))
+    assert [r["reg"] for r in part_log] == [r["reg"] for r in full_log]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(base, tmp_path):
+    msg = fails([*base, "--reg", "none", "--lr", "1e30", "--warmup-steps", "0",
+                 "--save-every", "1", "--out", str(tmp_path)])
+    assert re.fullmatch(r"error: non-finite loss at step 2 \(term: [\w-]+\); .*", msg), msg
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 1 and not (tmp_path / "model.safetensors").exists()
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_cached_zero_shot_targets_match_the_frozen_forward(base, sae_dir, tmp_path):
+    run = [*base, "--sae", sae_dir, "--reg", "sae-preserve", "--no-augment", "--max-steps", "3",
+           "--cache-dir", str(tmp_path / "cache"), "--probe-every", "0"]
+    finetune.main([*run, "--out", str(tmp_path / "frozen")])
+    finetune.main([*run, "--cache-zero-shot", "--out", str(tmp_path / "cached")])
+    assert list((tmp_path / "cache").glob("emb-*.safetensors"))
+    frozen = read_jsonl(tmp_path / "frozen/train_log.jsonl")
+    cached = read_jsonl(tmp_path / "cached/train_log.jsonl")
+    for f, c in zip(frozen, cached):
+        for term in ("ce", "res", "pres", "reg"):
+            assert c[term] == pytest.approx(f[term], rel=1e-3, abs=1e-9), (f["step"], term)
+    assert frozen[-1]["reg"] > 0
+
+
+def write_bad_sae(path, d=64, model="ViT-B-16"):
+    TopKSAE(d, 4 * d, 8).save(path, {"model": model, "pretrained": "openai"})
+    return str(path)
+
+
+@pytest.mark.parametrize("case", [
+    "missing-sae", "width", "other-model", "no-sae-file", "no-data", "column", "empty",
+    "label-range", "cache-needs-no-augment", "nothing-to-resume"])
+def test_bad_input_one_line_error(case, base, sae_dir, tiny_clip_dir, tmp_path):
+    import datasets
+    out = ["--out", str(tmp_path / "run")]
+    argv, expected = {
+        "missing-sae": (["--reg", "sae-preserve"], "needs the frozen zero-shot SAE: pass --sae"),
+        "width": (["--reg", "sae-preserve", "--sae", None], "SAE width d=32 ≠ the model's "
+                  "embedding width 64"),
+        "other-model": (["--reg", "l2", "--sae", None], "was trained on ViT-B-16"),
+        "no-sae-file": (["--reg", "sae-preserve", "--sae", str(tmp_path)], "no sae.safetensors"),
+        "no-data": (["--reg", "none", "--train-data", str(tmp_path / "nope")], "not found"),
+        "column": (["--reg", "none", "--label-column", "fine_label"], "columns that exist"),
+        "empty": (["--reg", "none", "--train-data", None], "is empty"),
+        "label-range": (["--reg", "none", "--classnames-file", None], "outside 0..1"),
+        "cache-needs-no-augment": (["--reg", "none", "--cache-zero-shot"], "needs --no-augment"),
+        "nothing-to-resume": (["--reg", "none", "--resume"], "nothing to resume"),
+    }[case]
+    fill = {"width": lambda: write_bad_sae(tmp_path / "sae", d=32,
+                                           model=f"local-dir:{tiny_clip_dir}"),
+            "other-model": lambda: write_bad_sae(tmp_path / "sae"),
+            "empty": lambda: datasets.Dataset.from_dict(
+                {"image": [], "label": []}, features=datasets.Features(
+                    {"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+            ).save_to_disk(str(tmp_path / "empty")) or str(tmp_path / "empty"),
+            "label-range": lambda: (tmp_path / "names.txt").write_text("a\nb\n") and
+            str(tmp_path / "names.txt")}
+    argv = [fill[case]() if a is None else a for a in argv]
+    msg = fails([*base, *argv, *out])
+    assert expected in msg, msg
+
+
+def test_unknown_regulariser_is_rejected_by_the_parser(base, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*base, "--reg", "l3", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "invalid choice: 'l3'" in capsys.readouterr().err

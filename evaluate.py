@@ -62,11 +62,10 @@ Quick look: add --max-samples 2000 (a fixed random subset of every set).
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -85,9 +84,18 @@ SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (METHOD §3)
 # Settings
 # ============================================================================================
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless its help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, []) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
         epilog="Plot only: python evaluate.py plot RESULTS.jsonl --out FIG.png "
                "(the ID-vs-OOD figure and the table from the JSON lines). Module docstring: "
                "the commands for the tiny CPU run and the ImageNet evaluation.")
@@ -188,7 +196,7 @@ def parse_set(text, role):
 
 
 def parse_sets(args):
-    """All SetSpecs, ID set first among --sets' order kept; checks names are unique."""
+    """All SetSpecs in command-line order (--sets, then --transfer); names must be unique."""
     id_set = args.id_set or args.sets[0].partition("=")[0]
     specs = [parse_set(t, "id" if t.partition("=")[0] == id_set else "ood") for t in args.sets]
     specs += [parse_set(t, "transfer") for t in args.transfer]
@@ -260,13 +268,14 @@ def zero_shot_settings(args, runs):
             if run.config.get(key) != cfg.get(key):
                 raise UserError(f"runs {runs[0].path} and {run.path} differ in {key}: evaluate "
                                 "runs of one zero-shot model per invocation")
-    if args.model:
-        zs = ZeroShot(args.model, args.pretrained, args.force_quick_gelu)
-    elif runs:
+    if runs and not args.model:
         zs = ZeroShot(cfg["model_name"], cfg.get("pretrained"),
                       args.force_quick_gelu or cfg.get("force_quick_gelu"))
-    else:
-        zs = ZeroShot("ViT-B-16", args.pretrained or "openai", args.force_quick_gelu)
+    else:  # a built-in name without a tag would be randomly initialised: default to openai
+        name = args.model or "ViT-B-16"
+        local = name.startswith(("local-dir:", "hf-hub:"))
+        zs = ZeroShot(name, args.pretrained or (None if local else "openai"),
+                      args.force_quick_gelu)
     for run in runs:
         if (run.config["model_name"], run.config.get("pretrained")) != (zs.model, zs.pretrained):
             raise UserError(f"run {run.path} was fine-tuned from {run.config['model_name']} / "

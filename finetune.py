@@ -29,6 +29,10 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
   Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
   exactly where it stopped with the same command plus `--resume`.
+Faster variant without augmentation: `--no-augment --cache-zero-shot` computes the zero-shot
+targets h0 once for the whole train split instead of a frozen forward per step. It is only valid
+without random augmentation (h0 must be the embedding of the very image fθ sees), hence the
+flag refuses to run with --augment.
 
 Outputs in --out: model.safetensors + config.json (models.load_classifier rebuilds the model from
 them alone), checkpoint.pt (everything --resume needs), train_log.jsonl (one line per logged
@@ -140,7 +144,8 @@ def parse_args(argv=None):
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast (CUDA only; CPU runs stay fp32)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
-                   help="recompute activations in backward: much less memory, ~30%% slower")
+                   help="recompute activations in backward: much less memory, one extra forward "
+                   "of compute")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its "
@@ -150,7 +155,8 @@ def parse_args(argv=None):
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser "
                    "steps (the lr schedule still spans --epochs; --resume continues)")
     g.add_argument("--seed", type=int, default=0, help="seed of the data order and augmentation")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda, cuda:N or cpu")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes")
     g.add_argument("--log-every", type=int, default=50, help="print + log every N steps")
@@ -185,7 +191,7 @@ def check_args(args):
 # ============================================================================================
 
 def prepare_out(args):
-    """Make --out; never replace a run silently. Returns the checkpoint to resume, or None."""
+    """Check --out: never replace a run silently. Returns the checkpoint to resume, or None."""
     out = Path(args.out)
     ckpt = out / CHECKPOINT
     if args.resume:
@@ -202,10 +208,15 @@ def prepare_out(args):
     if held and not args.overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(held)}); pass --resume to "
                         "continue it, --overwrite to replace it, or choose another --out")
-    for f in RUN_FILES:  # a fresh run: drop what an earlier run (overwritten, or crashed) left
+    return None
+
+
+def clear_out(out):
+    """A fresh run: drop what an earlier one (overwritten, or crashed before its first
+    checkpoint) left. Called only once every input has been checked."""
+    for f in RUN_FILES:
         (out / f).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def rng_state():
@@ -242,7 +253,8 @@ def truncate_jsonl(path, last_step):
     if Path(path).is_file():
         lines = [ln for ln in Path(path).read_text().splitlines()
                  if ln.strip() and json.loads(ln)["step"] <= last_step]
-        Path(path).write_text("".join(ln + "\n" for ln in lines))
+        data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n"
+                                                                        for ln in lines)))
 
 
 # ============================================================================================
@@ -291,8 +303,8 @@ def epoch_order(seed, epoch, n):
 def epoch_loader(images, args, epoch, first, count):
     """Micro-batches `first`..`count`-1 of epoch `epoch` (resume skips the ones already seen)."""
     perm, seeds = epoch_order(args.seed, epoch, len(images))
-    keys = [(int(i), int(seeds[i])) for i in perm[first * args.batch_size:
-                                                  count * args.batch_size]]
+    seeds = seeds.tolist()
+    keys = [(i, seeds[i]) for i in perm[first * args.batch_size:count * args.batch_size].tolist()]
     return torch.utils.data.DataLoader(images, batch_size=args.batch_size, sampler=keys,
                                        num_workers=args.workers,
                                        pin_memory=args.device.startswith("cuda"))
@@ -356,6 +368,8 @@ def load_sae(args):
 def model_key(name, pretrained, force_quick_gelu):
     """What identifies a model's embeddings: name (case, '/', '-quickgelu' aside; local folders
     resolved), weights and activation."""
+    if name.startswith(("local-dir:", "hf-hub:")):
+        pretrained = None  # open_clip ignores it for these
     quick = models.needs_quick_gelu(name, pretrained, force_quick_gelu or None) \
         or "-quickgelu" in name.lower()
     if name.startswith("local-dir:"):
@@ -414,10 +428,11 @@ class NonFiniteLoss(Exception):
     """A loss term or the gradient norm became inf/NaN; the run stops before the bad step."""
 
 
-def check_finite(terms, step):
+def check_finite(terms, step, what="loss"):
+    """Raise NonFiniteLoss naming the step and the first inf/NaN term of `terms` (name -> float)."""
     for name, value in terms.items():
         if not math.isfinite(value):
-            raise NonFiniteLoss(f"non-finite loss at step {step} (term: {name}); the last good "
+            raise NonFiniteLoss(f"non-finite {what} at step {step} (term: {name}); the last good "
                                 f"checkpoint is kept. Lower --lr, or check the data")
 
 
@@ -459,8 +474,7 @@ def train(args):
     dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
                                       args.label_column, args.max_samples)
     classnames, templates = resolve_classes(args, dataset)
-    micro_per_step = args.accum_steps
-    steps_per_epoch = len(dataset) // (args.batch_size * micro_per_step)  # drop the last partial
+    steps_per_epoch = len(dataset) // (args.batch_size * args.accum_steps)  # drop last partial
     if steps_per_epoch == 0:
         raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
                         f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps})")
@@ -485,8 +499,9 @@ def train(args):
     probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)))
     h0_probe = embed(f0, probe_images, args)                             # (P, d)
     z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n)
-    if h0_cache is not None:
-        del f0  # its job is done: the targets are cached
+    frozen_forward = h0_cache is None and args.reg != "none"  # R = 0 needs no h0
+    if not frozen_forward:
+        del f0  # its job is done: the targets are cached, or not needed
 
     # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
     opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
@@ -499,8 +514,10 @@ def train(args):
         truncate_jsonl(out / TRAIN_LOG, step)
         truncate_jsonl(out / PROBE_LOG, step)
         print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
+    else:
+        clear_out(out)
     print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
-          f"{len(templates)} templates | effective batch {args.batch_size * micro_per_step} | "
+          f"{len(templates)} templates | effective batch {args.batch_size * args.accum_steps} | "
           f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
           f"{args.reg}")
     scale_note(h0_probe, args)
@@ -511,36 +528,38 @@ def train(args):
     batches, t_log, steps_since_log = None, time.time(), 0
     while step < stop:
         if batches is None:  # a new epoch, or the rest of a resumed one
-            batches = iter(epoch_loader(images, args, epoch, pos * micro_per_step,
-                                        steps_per_epoch * micro_per_step))
+            batches = iter(epoch_loader(images, args, epoch, pos * args.accum_steps,
+                                        steps_per_epoch * args.accum_steps))
         lr = lr_at(step, args, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         sums, correct = {}, 0
-        for _ in range(micro_per_step):
+        for _ in range(args.accum_steps):
             x, y, idx = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
                 logits, h = clf(x)                                       # (B, C), (B, d)
-                if h0_cache is None:
+                if frozen_forward:
                     with torch.no_grad():
                         h0 = f0(x)                                       # (B, d), same crops
             if h0_cache is not None:
                 h0 = h0_cache[idx].to(device)
+            elif not frozen_forward:
+                h0 = h  # --reg none: R = 0 whatever h0 is; skip the frozen forward
             ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
                                        lam_l1=args.lam_l1, lam_mask=args.lam_mask,
                                        lam_remove=args.lam_remove)      # λ·R in "reg"
             loss = ce + terms["reg"]                                     # L = CE + λ·R (§5)
-            (loss / micro_per_step).backward()
+            (loss / args.accum_steps).backward()
             for name, v in {"ce": ce, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + v.detach().float() / micro_per_step
+                sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
             correct += (logits.argmax(-1) == y).sum()
         # A bad step must not reach the weights: check every term before the update.
         step_terms = {k: v.item() for k, v in sums.items()}
         check_finite(step_terms, step + 1)
         grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad)
-        check_finite({"grad-norm": grad_norm.item()}, step + 1)
+        check_finite({"grad-norm": grad_norm.item()}, step + 1, "gradient")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
@@ -552,8 +571,8 @@ def train(args):
         if step % args.log_every == 0 or step == stop:
             ms = (time.time() - t_log) * 1e3 / steps_since_log
             record = {"step": step, "epoch": epoch + pos / steps_per_epoch, **step_terms,
-                    "acc": 100 * correct.item() / (args.batch_size * micro_per_step),
-                    "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": ms}
+                      "acc": 100 * correct.item() / (args.batch_size * args.accum_steps),
+                      "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": ms}
             print(progress_line(record, list(step_terms)), flush=True)
             append_jsonl(out / TRAIN_LOG, record)
             t_log, steps_since_log = time.time(), 0
@@ -577,8 +596,8 @@ def train(args):
                "probe_last": probes[-1] if probes else None, "args": vars(args)}
     if device.type == "cuda":
         summary["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    data.atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(json.dumps(summary,
-                                                                                 indent=1)))
+    data.atomic_write(out / SUMMARY,
+                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     print(f"saved {out / models.WEIGHT_FILE} after {step}/{total_steps} steps")
     return summary
 

@@ -19,6 +19,7 @@ from PIL import Image
 import conftest
 import data
 import evaluate
+import losses
 import models
 from sae import TopKSAE
 
@@ -27,23 +28,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def cli(*argv):
-    """Run evaluate.py as a user would; returns the CompletedProcess."""
+    """Run evaluate.py as a user would; returns the CompletedProcess. One torch thread: the tiny
+    model gains nothing from more, and on a busy CI machine they only contend (3× slower)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, str(HERE / "evaluate.py"), *map(str, argv)],
-                          capture_output=True, text=True, cwd=HERE, timeout=300)
+                          capture_output=True, text=True, cwd=HERE, timeout=300, env=env)
 
 
-def save_run(path, clip_dir, classnames, seed=1, edit=None):
-    """A 'fine-tuned run': the zero-shot classifier, perturbed (or edited), saved as finetune.py
-    does (models.save_classifier)."""
+def save_run(path, clip_dir, classnames, seed=1):
+    """A 'fine-tuned run': the zero-shot classifier, perturbed, saved as finetune.py does
+    (models.save_classifier)."""
     clf, _, _, config = models.zero_shot_classifier(f"local-dir:{clip_dir}", None, classnames,
                                                     ["a photo of a {}."])
     torch.manual_seed(seed)
     with torch.no_grad():
-        if edit is None:
-            for p in clf.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        else:
-            edit(clf)
+        for p in clf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     config["regulariser"] = {"reg": "none"}
     models.save_classifier(path, clf, config)
     return str(path)
@@ -112,8 +112,30 @@ def test_wise_endpoints_equal_zero_shot_and_ft(study):
         for key in ("top1", "cka", "fvu", "overlap", "entropy"):
             assert w0[key] == pytest.approx(zs[key], abs=1e-9), (d, key)
             assert w1[key] == pytest.approx(ft[key], abs=1e-9), (d, key)
-    # the perturbed run did move: otherwise the endpoint checks above prove nothing
-    assert pick(records, "ft", "test")["cka"] < 0.999
+    # the perturbed run did move (its embeddings and its SAE features): otherwise the endpoint
+    # checks above prove nothing
+    zs, ft = pick(records, "zero-shot", "test"), pick(records, "ft", "test")
+    assert ft["cka"] < 0.999 and ft["overlap"] < zs["overlap"] and ft["fvu"] != zs["fvu"]
+
+
+def test_chunked_sae_metrics_match_the_whole_set():
+    """representation_metrics accumulates over chunks of images; the result must equal the
+    losses.py metrics on the full (N, n) codes, for a chunk size that does not divide N."""
+    torch.manual_seed(0)
+    sae = TopKSAE(12, 200, 5)
+    h0 = 3 * torch.randn(50, 12)
+    h = h0 + 2 * torch.randn(50, 12)
+    got = evaluate.representation_metrics(h, h0, sae, "cpu", chunk=7)
+    with torch.no_grad():
+        o, z0 = sae(h), sae.encode(h0)
+    H, H_norm = losses.feature_entropy(o.z)
+    want = {"cka": losses.linear_cka(F.normalize(h0, dim=-1), F.normalize(h, dim=-1)),
+            "fvu": losses.fvu(o.x, o.x_hat), "overlap": losses.feature_overlap(o.z, z0, 5),
+            "l0": (o.z > 0).sum(-1).double().mean(), "entropy": H, "entropy_norm": H_norm,
+            "dead": losses.dead_features(o.z)}
+    for key, value in want.items():
+        assert got[key] == pytest.approx(float(value), rel=1e-5, abs=1e-9), key
+    assert 0 < got["overlap"] < 1 and got["dead"] > 0     # a case where each metric is non-trivial
 
 
 def test_model_state_wise_endpoints(tiny_clip_dir, tmp_path):
@@ -162,11 +184,18 @@ def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
     first = data.IMAGENET_R[0]
     assert 999 not in data.IMAGENET_R
 
-    def edit(clf):
+    # The run's 1000-class head: random directions (no need to embed 1000 class names here),
+    # then the biases above, which dominate any cosine logit.
+    clf, _, _, config = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None, ["x"],
+                                                    ["a photo of a {}."])
+    torch.manual_seed(0)
+    clf = models.ImageClassifier(clf.visual, F.normalize(torch.randn(1000, 64), dim=-1), 1.0)
+    with torch.no_grad():
         clf.head.bias[999] = 1e4
         clf.head.bias[first] = 5e3
-
-    run = save_run(tmp_path / "run", tiny_clip_dir, models.imagenet_classnames(), edit=edit)
+    config.update(classnames=models.imagenet_classnames(), regulariser={"reg": "none"})
+    run = tmp_path / "run"
+    models.save_classifier(run, clf, config)
     root = tmp_path / "imagenet-r"
     for k, count in ((0, 3), (1, 1)):
         folder = root / data.imagenet_wnids()[data.IMAGENET_R[k]]
@@ -186,7 +215,7 @@ def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
 
 # ------------------------------------------------------------------------------ the plot from JSON lines
 
-def test_plot_command_from_jsonl_alone(tmp_path):
+def test_plot_command_from_jsonl_alone(tmp_path, capsys):
     def rec(kind, alpha, dataset, role, top1):
         return {"clip_model": "ViT-B-16", "pretrained": "openai", "kind": kind, "alpha": alpha,
                 "run": None if kind == "zero-shot" else "runs/a", "dataset": dataset,
@@ -202,9 +231,9 @@ def test_plot_command_from_jsonl_alone(tmp_path):
     lines.append(dict(lines[3], top1=10.0, cka=0.1))  # a newer FT/imagenet line replaces the old
     path = tmp_path / "results.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    proc = cli("plot", path, "--out", tmp_path / "fig.png")
-    assert proc.returncode == 0, proc.stderr
-    rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines()[2:] if ln.strip()}
+    evaluate.main(["plot", str(path), "--out", str(tmp_path / "fig.png")])  # no model, no data
+    out = capsys.readouterr().out.splitlines()
+    rows = {ln.split()[0]: ln.split() for ln in out[2:] if ln.strip() and "wrote" not in ln}
     assert rows["wise-ft"][-4] == "70.0"                    # OOD mean of 66 and 74
     assert rows["ft"][2] == "10.0" and rows["ft"][-3] == "0.100"
     assert (tmp_path / "fig.png").read_bytes()[:8] == PNG_MAGIC

@@ -101,7 +101,8 @@ def get_args(argv=None):
                "the commands for the tiny CPU run and the ImageNet evaluation.")
     g = p.add_argument_group("models")
     g.add_argument("--runs", nargs="*", default=[], metavar="DIR",
-                   help="fine-tuned run folders (finetune.py --out: model.safetensors + config.json)")
+                   help="fine-tuned run folders (finetune.py --out: model.safetensors + "
+                        "config.json)")
     g.add_argument("--wise-alphas", default="0.5",
                    help="WiSE-FT α list for each run: comma-separated in [0, 1], 'sweep' "
                         "(0, 0.1, …, 1) or 'none'")
@@ -449,7 +450,8 @@ def load_run_state(run, zs_state):
     state = cpu_state(clf)
     if state.keys() != zs_state.keys():
         diff = sorted(set(state) ^ set(zs_state))[:5]
-        raise UserError(f"run {run.path} does not fit the zero-shot model: parameters differ {diff}")
+        raise UserError(f"run {run.path} does not fit the zero-shot model: parameters differ "
+                        f"{diff}")
     bad = [k for k in state if state[k].shape != zs_state[k].shape][:3]
     if bad:
         raise UserError(f"run {run.path} does not fit the zero-shot model: shapes of {bad} differ "

@@ -24,12 +24,14 @@ Two commands:
            (the paper's Figure 2 analogue).
 
 Tiny CPU run (the built-in toy world; the SAE and the runs made by the commands in train_sae.py
-and finetune.py, --reg none and --reg sae-preserve):
+and finetune.py, --reg none and --reg sae-preserve). On `test` the spurious mark still matches
+the class colour, so a cue feature that fine-tuning added fires class by class there; run on
+`ood_nocue` too to see it follow the mark instead of the class:
     python interpret.py report --run runs/toy/none --sae runs/toy/sae \
-        --data toy_world/data --split ood_nocue --device cpu \
+        --data toy_world/data --split test --device cpu \
         --out runs/toy/report_none --results runs/toy/interpret.jsonl
     python interpret.py report --run runs/toy/sae_preserve --sae runs/toy/sae \
-        --data toy_world/data --split ood_nocue --device cpu \
+        --data toy_world/data --split test --device cpu \
         --out runs/toy/report_sae_preserve --results runs/toy/interpret.jsonl
     python interpret.py probes runs/toy/none runs/toy/sae_preserve --out runs/toy/probes.png
 
@@ -60,7 +62,7 @@ from data import UserError
 from sae import TopKSAE
 
 # ============================================================================================
-# Settings (defaults of the command line; each is shown by --help)
+# Settings: the defaults of the command-line flags (shown by --help), then display constants
 # ============================================================================================
 TOP = 10               # features listed per category
 MIN_IMAGES = 3         # a feature is listed only if its change shows on at least this many images
@@ -220,22 +222,22 @@ def class_sums(values, labels, num_classes):
 
 
 def feature_classes(z0, z, labels, num_classes, feature, category):
-    """Where one feature's change falls: [(class, images, value)], largest |value| first.
+    """Where one feature's change falls: [(class, images, value)], classes without it left out.
 
-    added / removed: value = images of the class where it was added / removed.
-    reweighted: value = mean change z_i − z0_i over the class's both-active images."""
+    added / removed: value = images of the class where it was added / removed; largest first.
+    reweighted: value = mean change z_i − z0_i over the class's both-active images; ordered by
+    the class's total |change| (so one image with a big change does not come first)."""
     a0, a = z0[:, feature], z[:, feature]                           # (N,) each
     add, rem, both = change_masks(a0, a)
     mask = {"added": add, "removed": rem, "reweighted": both}[category]
-    images = class_sums(mask, labels, num_classes)
-    if category == "reweighted":
-        delta = class_sums((a - a0) * both, labels, num_classes)
-        value = delta / images.clamp_min(1)
-    else:
-        value = images
+    images = class_sums(mask, labels, num_classes)                  # (C,)
+    weight = class_sums((a - a0) * both, labels, num_classes) if category == "reweighted" \
+        else images
+    value = weight / images.clamp_min(1) if category == "reweighted" else images
+    images, weight, value = images.tolist(), weight.abs().tolist(), value.tolist()
     order = sorted((c for c in range(num_classes) if images[c] > 0),
-                   key=lambda c: (-abs(value[c].item()), c))
-    return [(c, int(images[c]), value[c].item()) for c in order]
+                   key=lambda c: (-weight[c], c))
+    return [(c, int(images[c]), value[c]) for c in order]
 
 
 def top_images(act, m):

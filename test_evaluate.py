@@ -49,7 +49,7 @@ def save_run(path, clip_dir, classnames, seed=1):
     return str(path)
 
 
-# ------------------------------------------------------------------------------ one study, end to end
+# ------------------------------------------------------------ one study, end to end
 
 @pytest.fixture(scope="module")
 def study(tiny_clip_dir, tiny_image_dataset, tiny_image_folder, tmp_path_factory):
@@ -65,7 +65,8 @@ def study(tiny_clip_dir, tiny_image_dataset, tiny_image_folder, tmp_path_factory
                "--transfer", f"shapes={tiny_image_folder}", "--id-set", "test",
                "--max-samples", 24, "--batch-size", 16, "--workers", 0, "--device", "cpu",
                "--results", results, "--plot", fig)
-    records = [json.loads(ln) for ln in results.read_text().splitlines()] if results.exists() else []
+    lines = results.read_text().splitlines() if results.exists() else []
+    records = [json.loads(ln) for ln in lines]
     return {"proc": proc, "records": records, "fig": fig, "run": run, "sae": tmp / "sae",
             "clip": tiny_clip_dir, "data": tiny_image_dataset}
 
@@ -174,7 +175,7 @@ def test_zero_shot_against_itself(study):
     assert zs["l0"] == pytest.approx((z > 0).sum(-1).double().mean().item(), abs=1e-9)
 
 
-# ------------------------------------------------------------------------------ the shift scoring path
+# ------------------------------------------------------------ the shift scoring path
 
 def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
     """A run whose head favours ImageNet class 999 (not in ImageNet-R) and, among the 200
@@ -213,7 +214,7 @@ def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
     assert (plain["n_classes"], plain["top1"]) == (1000, 0.0)
 
 
-# ------------------------------------------------------------------------------ the plot from JSON lines
+# ------------------------------------------------------------ the plot from JSON lines
 
 def test_plot_command_from_jsonl_alone(tmp_path, capsys):
     def rec(kind, alpha, dataset, role, top1):
@@ -239,7 +240,7 @@ def test_plot_command_from_jsonl_alone(tmp_path, capsys):
     assert (tmp_path / "fig.png").read_bytes()[:8] == PNG_MAGIC
 
 
-# ------------------------------------------------------------------------------ bad input
+# ------------------------------------------------------------ bad input
 
 @pytest.fixture(scope="module")
 def bad_inputs(tiny_clip_dir, tiny_image_dataset, tmp_path_factory):
@@ -262,7 +263,8 @@ BAD = {  # name: (extra argv, with {placeholders}, expected message fragment)
     "run without config": (["--runs", "{tmp}/no_config"], "lacks ['config.json']"),
     "missing SAE": (["--sae", "{tmp}/nope"], "no sae.safetensors"),
     "SAE width": (["--sae", "{tmp}/sae32"], "SAE has width d=32 but"),
-    "unknown eval set": (["--sets", "imagenet-q"], "unknown eval set 'imagenet-q'; known: imagenet"),
+    "unknown eval set": (["--sets", "imagenet-q"],
+                         "unknown eval set 'imagenet-q'; known: imagenet"),
     "missing column": (["--sets", "t={data}:test:img:label"], "columns that exist"),
     "empty dataset": (["--sets", "t={tmp}/empty"], "is empty"),
     "labels out of range": (["--sets", "t={tmp}/label7"], "labels out of range for the 4-class"),

@@ -57,6 +57,8 @@ templates come from the runs' config.json):
 
 The figure (and the table) again from the JSON lines alone, no model needed:
     python evaluate.py plot runs/vitb16/results.jsonl --out wise_ft.png
+Mean ± std over seeds (one results file per fine-tuning seed; rows pooled by method and α):
+    python evaluate.py seeds runs/toy/seed0/results.jsonl runs/toy/seed1/results.jsonl ...
 
 Quick look: add --max-samples 2000 (a fixed random subset of every set).
 """
@@ -97,7 +99,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
         epilog="Plot only: python evaluate.py plot RESULTS.jsonl --out FIG.png "
-               "(the ID-vs-OOD figure and the table from the JSON lines). Module docstring: "
+               "(the ID-vs-OOD figure and the table from the JSON lines). Mean ± std over "
+               "seeds: python evaluate.py seeds SEED0.jsonl SEED1.jsonl ... Module docstring: "
                "the commands for the tiny CPU run and the ImageNet evaluation.")
     g = p.add_argument_group("models")
     g.add_argument("--runs", nargs="*", default=[], metavar="DIR",
@@ -695,6 +698,61 @@ def plot_main(argv):
     print(f"wrote {args.out}")
 
 
+def seed_rows(records):
+    """{(kind, method, α): {column: value}} for one seed's results: top-1 on every set, the OOD
+    mean and CKA / FVU / pres. on the ID set (the columns of format_table)."""
+    ids, ood = set_names(records, "id"), set_names(records, "ood")
+    rows = {}
+    for row in by_model(records).values():
+        first = next(iter(row.values()))
+        anal = row.get(ids[0], first) if ids else first
+        cells = {d: row[d].get("top1") for d in ids + ood if d in row}
+        cells["OOD mean"] = ood_mean(row, ood) if ood else None
+        cells.update(CKA=anal.get("cka"), FVU=anal.get("fvu"), **{"pres.": anal.get("overlap")})
+        rows[(first["kind"], first["method"], first["alpha"])] = cells
+    return rows, ids + ood + (["OOD mean"] if ood else []) + ["CKA", "FVU", "pres."]
+
+
+def seeds_table(per_seed):
+    """Markdown table of mean ± std (sample std) over seeds, one results file per seed; a model
+    is a (kind, method, α), so runs of the same method from different seeds are pooled."""
+    import statistics
+    tables = [seed_rows(records) for records in per_seed]
+    columns = tables[0][1]
+    keys = list(dict.fromkeys(k for rows, _ in tables for k in rows))
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for col in columns:
+            vals = [rows[key][col] for rows, _ in tables
+                    if key in rows and rows[key].get(col) is not None]
+            digits = 1 if col not in ("CKA", "FVU", "pres.") else 3
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.{digits}f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.{digits}f} ± "
+                             f"{statistics.stdev(vals):.{digits}f}")
+        kind, method, alpha = key
+        name = (method if kind in ("ft", "zero-shot") else
+                f"WiSE-FT α={alpha:g} ({method})" if kind == "wise-ft" else f"{kind} ({method})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_main(argv):
+    p = argparse.ArgumentParser(prog="evaluate.py seeds", description="Mean ± std over seeds: "
+                                "one evaluate.py results JSONL per seed → a Markdown table.")
+    p.add_argument("results", nargs="+", help="results JSONL files, one per seed")
+    args = p.parse_args(argv)
+    per_seed = [read_jsonl(path) for path in args.results]
+    if not all(per_seed):
+        raise UserError("a results file holds no results")
+    print(f"mean ± std over {len(per_seed)} seed(s): {', '.join(args.results)}")
+    print(seeds_table(per_seed))
+
+
 # ============================================================================================
 # Main: settings → data → model → eval → save → report
 # ============================================================================================
@@ -755,6 +813,8 @@ def main(argv=None):
     try:
         if argv[:1] == ["plot"]:
             plot_main(argv[1:])
+        elif argv[:1] == ["seeds"]:
+            seeds_main(argv[1:])
         else:
             evaluate(get_args(argv))
     except UserError as e:

@@ -389,14 +389,11 @@ def embed_images(model, dataset, preprocess, args):
 
 @torch.no_grad()
 def sae_codes(sae, h, device, chunk=8192):
-    """z (N, n) = E(h/||h||) on the CPU, and FVU of the SAE on these embeddings (METHOD §4)."""
-    zs, sq_err = [], 0.0
-    for i in range(0, len(h), chunk):
-        out = sae(h[i:i + chunk].to(device))
-        zs.append(out.z.cpu())
-        sq_err += (out.x - out.x_hat).pow(2).sum().item()
-    x = F.normalize(h.double(), dim=-1)
-    return torch.cat(zs), sq_err / (x - x.mean(0)).pow(2).sum().item()
+    """z (N, n) = E(h/||h||) on the CPU, and the SAE's FVU on these embeddings (METHOD §4).
+    Chunked: z is N × n, the wide one; x and x̃ are only N × d."""
+    outs = [sae(h[i:i + chunk].to(device)) for i in range(0, len(h), chunk)]
+    z, x, x_hat = (torch.cat([getattr(o, f).cpu() for o in outs]) for f in ("z", "x", "x_hat"))
+    return z, losses.fvu(x, x_hat).item()
 
 
 @torch.no_grad()

@@ -293,3 +293,30 @@ def test_bad_input_exit_status_and_stderr(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"error: run folder not found: {tmp_path / 'missing'} (pass a folder finetune.py wrote)"]
+
+
+def test_seeds_table_mean_and_std_over_files(tmp_path, capsys):
+    """Two seeds' results: each (kind, method, α) row is pooled across files whatever its run
+    folder, and each cell is mean ± sample std."""
+    def rec(kind, run, dataset, role, top1, cka):
+        return {"clip_model": "toy", "pretrained": None, "kind": kind, "alpha": None, "run": run,
+                "dataset": dataset, "role": role, "top1": top1, "cka": cka, "fvu": 0.1,
+                "overlap": 0.9, "method": "zero-shot" if kind == "zero-shot" else "l2",
+                "model": kind}
+    paths = []
+    for seed, (id_acc, ood_acc, cka) in enumerate(((90.0, 60.0, 0.8), (94.0, 70.0, 0.9))):
+        lines = [rec("zero-shot", None, "test", "id", 80.0, 1.0),
+                 rec("zero-shot", None, "ood", "ood", 75.0, 1.0),
+                 rec("ft", f"runs/seed{seed}/l2", "test", "id", id_acc, cka),
+                 rec("ft", f"runs/seed{seed}/l2", "ood", "ood", ood_acc, cka)]
+        paths.append(tmp_path / f"seed{seed}.jsonl")
+        paths[-1].write_text("".join(json.dumps(r) + "\n" for r in lines))
+    evaluate.main(["seeds", *map(str, paths)])
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    assert rows[0].split("|")[2:-1] == [" test ", " ood ", " OOD mean ", " CKA ", " FVU ",
+                                        " pres. "]
+    ft = [c.strip() for c in rows[2].split("|")[1:-1]]
+    assert ft[0] == "l2" and ft[1] == "92.0 ± 2.8" and ft[2] == "65.0 ± 7.1"
+    assert ft[4] == "0.850 ± 0.071"
+    zs = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert zs[0] == "zero-shot" and zs[1] == "80.0 ± 0.0"

@@ -58,7 +58,7 @@ def synthetic_codes(seed=0, N=40, n=24):
     z[two, 20] = 0.5 + torch.rand(int(two.sum()), generator=g)
     z0[one, 21] = 0.7
     z0[three, 22], z[three, 22] = 0.3, 0.9
-    z[[0, 4], 23] = 2.0   # more mass than feature 20, but on 2 images only
+    z[[0, 4], 23] = 8.0   # more mass than feature 20 (≤ 15), but on 2 images only
     return z0, z, labels
 
 

@@ -73,6 +73,7 @@ TEXTS = 5              # nearest class names / prompts shown per feature
 PROMPT_TEMPLATES = 8   # templates per class embedded as separate prompts (80 × 1000 is too many)
 REWEIGHT_THRESHOLD = 0.25  # "re-weighted" count: |mean change| > this fraction of mean z0
 PER_CLASS_ROWS = 30    # classes in the per-class table: the lowest feature overlap first
+CLASSES_KEPT = 20      # per listed feature, the most affected classes kept (JSON line, report)
 CATEGORIES = ("added", "removed", "reweighted")
 REPORT, PROBE_LOG, OVER_TRAINING = "report.md", "probe.jsonl", "over_training.png"
 
@@ -301,7 +302,8 @@ def feature_entry(stats, z0, z, labels, classnames, sizes, i, cat):
         e.update(mean_z0=stats.mean_z0[i].item(), mean_z=stats.mean_z[i].item(),
                  change=stats.change[i].item())
     e["classes"] = [{"class": classnames[c], "images": n, "of": sizes[c], "value": v}
-                    for c, n, v in feature_classes(z0, z, labels, len(classnames), i, cat)]
+                    for c, n, v in feature_classes(z0, z, labels, len(classnames), i,
+                                                   cat)[:CLASSES_KEPT]]
     return e
 
 
@@ -391,8 +393,11 @@ def embed_images(model, dataset, preprocess, args):
 def sae_codes(sae, h, device, chunk=8192):
     """z (N, n) = E(h/||h||) on the CPU, and the SAE's FVU on these embeddings (METHOD §4).
     Chunked: z is N × n, the wide one; x and x̃ are only N × d."""
-    outs = [sae(h[i:i + chunk].to(device)) for i in range(0, len(h), chunk)]
-    z, x, x_hat = (torch.cat([getattr(o, f).cpu() for o in outs]) for f in ("z", "x", "x_hat"))
+    parts = []
+    for i in range(0, len(h), chunk):
+        out = sae(h[i:i + chunk].to(device))
+        parts.append((out.z.cpu(), out.x.cpu(), out.x_hat.cpu()))  # not `pre`: another N × n
+    z, x, x_hat = (torch.cat(p) for p in zip(*parts))
     return z, losses.fvu(x, x_hat).item()
 
 

@@ -14,9 +14,10 @@ nothing at inference. This measures it, in ONE run on the same model and the sam
      gap to the floor (one extra forward ≈ a third of forward + backward, ≈ 1.33× none) is
      explained;
   3. peak training memory with / without gradient checkpointing, in fp32 and bf16 autocast
-     (where the device supports bf16), each in a fresh process: CUDA max_memory_allocated, CPU
-     the process's peak resident set (getrusage ru_maxrss — torch's CPU allocator frees to
-     malloc, so the high-water mark of resident pages is the real peak);
+     (where the device supports bf16), each in a fresh process: CUDA max_memory_allocated; CPU
+     the process's peak resident set (Linux VmHWM, reset once the model is built — torch's CPU
+     allocator hands memory straight back to malloc, so the high-water mark of resident pages
+     is the real peak; tracemalloc cannot see torch's allocations);
   4. SAE training throughput (train_sae.py's step) against the bound set by its dense matmuls
      on this device: FLOPs/step = 3 (forward + backward) × 2 matmuls × 2·B·d·n = 12·B·d·n
      (+ 6·B·d·n when AuxK runs), at the raw FLOP/s of a (B, d) × (d, n) matmul measured here;
@@ -35,8 +36,11 @@ GPU (open_clip's ViT-B-16 with random weights, no download; batch 128, bf16; mem
     python bench.py --device cuda --model ViT-B-16 --out bench_cuda.json
     (notes/gpu_bench.sh runs exactly this and writes to $OUT)
 Smoke run (what test_bench.py runs):
-    python bench.py --model tiny --batch-size 4 --steps 2 --warmup 1 --sae-d 32 \
-        --sae-batch-size 64 --extract-images 8 --workers 0 --out /tmp/bench.json
+    python bench.py --model tiny --batch-size 4 --steps 2 --warmup 1 --mem-steps 2 \
+        --sae-d 32 --sae-batch-size 64 --sae-steps 2 --extract-images 8 \
+        --extract-batch-size 4 --workers 0 --threads 1 --out /tmp/bench.json
+On a shared CPU add `--clock cpu --threads 1`: step times become this process's CPU time,
+which other processes barely disturb (wall-time medians there can be off by 2–3×).
 Prints a Markdown table for the README and, with --out, writes every number as JSON.
 """
 import argparse
@@ -92,9 +96,15 @@ TARGETS = [
 # Settings
 # ============================================================================================
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows defaults, except the device-dependent ones (None here), which say their own."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default="small", help=f"vision tower: {' / '.join(MODEL_CFGS)} "
                    "(built in here) or an open_clip name such as ViT-B-16 (random weights)")
@@ -131,12 +141,16 @@ def parse_args(argv=None):
     p.add_argument("--extract-batch-size", type=int, default=None, help="extraction batch "
                    "(default: 64 on CPU, 256 on CUDA, as train_sae.py)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers of the extraction benchmark")
+                   help="DataLoader workers of the extraction benchmark (min(8, CPU cores))")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads "
                    "(default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="what a step's time "
+                   "is: wall time, or (CPU device only) this process's CPU time, which other "
+                   "processes on a shared machine barely disturb — use it with --threads 1. "
+                   "Extraction throughput is always wall time")
     p.add_argument("--profile", action="store_true", help="also profile one sae-preserve step "
                    "and one SAE training step (top ops by self time, into the JSON)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, batch and images")
     p.add_argument("--out", default=None, help="write all numbers here as JSON")
     return p.parse_args(argv)
 
@@ -198,23 +212,28 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def clock(device):
-    """Wall time after every queued kernel has finished (CUDA runs asynchronously)."""
+# The clock of timed(): wall time, or process CPU time (--clock cpu; main sets it once).
+NOW = {"fn": time.perf_counter}
+
+
+def clock(device, wall=False):
+    """Time after every queued kernel has finished (CUDA runs asynchronously)."""
     sync(device)
-    return time.perf_counter()
+    return time.perf_counter() if wall else NOW["fn"]()
 
 
-def timed(fn, device):
-    t0 = clock(device)
+def timed(fn, device, wall=False):
+    t0 = clock(device, wall)
     out = fn()
-    return clock(device) - t0, out
+    return clock(device, wall) - t0, out
 
 
 def stats_ms(seconds):
     """Median and quartiles in ms (medians: robust to the odd slow step on a shared machine)."""
     ms = sorted(1e3 * s for s in seconds)
     q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
-    return {"median": statistics.median(ms), "p25": q[0], "p75": q[2], "n": len(ms)}
+    return {"median": statistics.median(ms), "p25": q[0], "p75": q[2], "min": ms[0],
+            "n": len(ms)}
 
 
 def median_time(fn, device, reps, warmup=1):
@@ -293,9 +312,14 @@ def loss_terms(ctx, logits, h, h0, y, reg):
 
 
 def update(ctx, loss, terms, logits, y):
-    """finetune.py after the forward: backward, log sums, finiteness checks (two host syncs),
-    grad clip 1.0, AdamW step, zero_grad(set_to_none)."""
+    """finetune.py after the loss: `loss.backward()`, then finish()."""
     loss.backward()
+    finish(ctx, terms, logits, y)
+
+
+def finish(ctx, terms, logits, y):
+    """finetune.py after the backward: the logged sums and accuracy count, the finiteness
+    checks (two host syncs per step: .item()), grad clip 1.0, AdamW step, zero_grad."""
     sums = {k: v.detach().float() for k, v in terms.items()}
     correct = (logits.argmax(-1) == y).sum()                              # noqa: F841
     check_finite({k: v.item() for k, v in sums.items()}, 1)
@@ -308,21 +332,22 @@ def update(ctx, loss, terms, logits, y):
 def train_step(ctx, x, y, reg, mode):
     """One optimiser step. mode: "frozen" (h0 = f0(x) every step, finetune.py's default),
     "cached" (h0 read from a precomputed CPU table, finetune.py --cache-zero-shot) or "skip"
-    (no h0 at all — standard fine-tuning as it should run for --reg none)."""
+    (no frozen forward, h0 = h: finetune.py's --reg none)."""
     logits, h = forward(ctx, x)
     if mode == "frozen":
         h0 = frozen_forward(ctx, x)
     elif mode == "cached":
         h0 = ctx.h0_cache[ctx.idx].to(ctx.device)                         # as finetune.py
     else:
-        h0 = h  # regulariser("none") normalises h0 but never uses it; detached inside
+        h0 = h  # as finetune.py for --reg none: R = 0 whatever h0 is
     loss, terms = loss_terms(ctx, logits, h, h0, y, reg)
     update(ctx, loss, terms, logits, y)
 
 
 def variants(args):
-    """name → (reg, mode). `none` skips the frozen forward (the true floor); `none+frozen` is
-    --reg none as finetune.py runs it today (it computes h0 = f0(x) whatever --reg is)."""
+    """name → (reg, mode). `none` is standard fine-tuning (no frozen forward, as finetune.py);
+    `none+frozen` adds the frozen forward and nothing else — the floor of every regulariser
+    that needs h0, measured as a step, so e.g. sae-preserve / none+frozen is the SAE's own cost."""
     out = {"none": ("none", "skip"), "none+frozen": ("none", "frozen")}
     out.update({r: (r, "frozen") for r in args.regs})
     if args.cached_reg:
@@ -360,11 +385,10 @@ def breakdown(ctx, x, y, args, reg="sae-preserve"):
         loss, terms = loss_terms(ctx, logits, h, h0, y, reg)
         t.append(clock(ctx.device))
         enc, _ = timed(lambda: encode_both(ctx.sae, h, h0), ctx.device)  # outside the phases
-        t.append(clock(ctx.device))
         t_bwd, _ = timed(loss.backward, ctx.device)
         t_opt, _ = timed(lambda: finish(ctx, terms, logits, y), ctx.device)
         if r >= args.warmup:
-            for k, dt in zip(("forward", "frozen_forward", "loss"), np.diff(t[:4])):
+            for k, dt in zip(("forward", "frozen_forward", "loss"), np.diff(t)):
                 phases[k].append(dt)
             phases["backward"].append(t_bwd)
             phases["optimiser"].append(t_opt)
@@ -373,16 +397,6 @@ def breakdown(ctx, x, y, args, reg="sae-preserve"):
     out["total"] = sum(out[k] for k in ("forward", "frozen_forward", "loss", "backward",
                                         "optimiser"))
     return out
-
-
-def finish(ctx, terms, logits, y):
-    """update() without its backward (the breakdown times the backward on its own)."""
-    sums = {k: v.detach().float() for k, v in terms.items()}
-    check_finite({k: v.item() for k, v in sums.items()}, 1)
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.clf.parameters(), 1.0)
-    check_finite({"grad-norm": grad_norm.item()}, 1)
-    ctx.opt.step()
-    ctx.opt.zero_grad(set_to_none=True)
 
 
 def encode_both(sae, h, h0):
@@ -473,8 +487,8 @@ def measure_memory(args, device):
                  "seed": args.seed, "batch_size": args.mem_batch_size, "steps": args.mem_steps,
                  "bf16": dtype == "bf16", "ckpt": ckpt, "threads": torch.get_num_threads(),
                  "expansion": args.expansion, "k": args.k}
-            ctx = multiprocessing.get_context("spawn")
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            spawn = multiprocessing.get_context("spawn")   # fresh: CUDA-safe, no inherited peak
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
                 results[dtype + ("+ckpt" if ckpt else "")] = pool.submit(memory_probe, s).result()
     method = ("torch.cuda.max_memory_allocated (tensors only)" if device.type == "cuda" else
               "peak resident set (VmHWM) of a fresh process, reset after the model is built; "
@@ -582,14 +596,15 @@ def bench_extraction(ctx, args):
     loader = data.make_loader(dataset, transform, args.extract_batch_size,
                               workers=args.workers)
     data.extract_embeddings(ctx.clf, loader, ctx.device)                  # warm-up, workers up
-    t_loader, _ = timed(lambda: data.extract_embeddings(ctx.clf, loader, ctx.device), ctx.device)
+    t_loader, _ = timed(lambda: data.extract_embeddings(ctx.clf, loader, ctx.device), ctx.device,
+                        wall=True)    # wall: the decoding happens in other processes
     images = torch.stack([transform(dataset[i]["image"]) for i in range(len(dataset))])
     batches = [(images[i:i + args.extract_batch_size].to(ctx.device),
                 torch.zeros(len(images[i:i + args.extract_batch_size]), dtype=torch.long))
                for i in range(0, len(images), args.extract_batch_size)]
     data.extract_embeddings(ctx.clf, batches, ctx.device)
     t_tensors, _ = timed(lambda: data.extract_embeddings(ctx.clf, batches, ctx.device),
-                         ctx.device)
+                         ctx.device, wall=True)
     n = len(dataset)
     return {"n_images": n, "batch_size": args.extract_batch_size, "workers": args.workers,
             "with_loader_img_s": n / t_loader, "without_loader_img_s": n / t_tensors}
@@ -599,28 +614,41 @@ def bench_extraction(ctx, args):
 # Derived numbers, targets, the Markdown report
 # ============================================================================================
 
-def ratios(step_ms, cached_reg):
-    med = {k: v["median"] for k, v in step_ms.items()}
-    out = {f"{k}/none": v / med["none"] for k, v in med.items() if k != "none"}
-    if "sae-preserve" in med and "l2" in med:
-        out["sae-preserve/l2"] = med["sae-preserve"] / med["l2"]
-    if cached_reg and f"{cached_reg}+cache" in med and cached_reg in med:
-        out[f"{cached_reg}+cache/{cached_reg}"] = med[f"{cached_reg}+cache"] / med[cached_reg]
+def ratios(step_ms, cached_reg, stat="median"):
+    """Step-time ratios to none, sae-preserve / l2 and cached / uncached, of one statistic
+    (median: the headline; min: the least-disturbed step, a cross-check on a busy machine)."""
+    t = {k: v[stat] for k, v in step_ms.items()}
+    out = {f"{k}/none": v / t["none"] for k, v in t.items() if k != "none"}
+    if "sae-preserve" in t and "l2" in t:
+        out["sae-preserve/l2"] = t["sae-preserve"] / t["l2"]
+    if "sae-preserve" in t:                          # over the floor: the SAE's own cost
+        out["sae-preserve/none+frozen"] = t["sae-preserve"] / t["none+frozen"]
+    if cached_reg and f"{cached_reg}+cache" in t and cached_reg in t:
+        out[f"{cached_reg}+cache/{cached_reg}"] = t[f"{cached_reg}+cache"] / t[cached_reg]
     return out
 
 
-def floor(step_ms, parts):
-    """The floor of an SAE-FT step: standard FT + one frozen forward. Ideal 4/3 (backward ≈ 2×
-    forward); measured = (none + frozen forward) / none with this run's own timings."""
-    none = step_ms["none"]["median"]
-    return {"ideal": 4 / 3, "measured": (none + parts["frozen_forward"]) / none,
-            "backward_over_forward": parts["backward"] / parts["forward"]}
+def floor(parts, reg_alone, ratio):
+    """The floor of an SAE-FT step: standard FT + one frozen forward. Ideal 4/3 (backward = 2×
+    forward, optimiser free); measured from the breakdown's own phases, (fwd + frozen + bwd +
+    opt) / (fwd + bwd + opt). The excess of sae-preserve / none over it, and the part of that
+    excess the regulariser alone (forward + backward, timed on its own) explains."""
+    base = parts["forward"] + parts["backward"] + parts["optimiser"]
+    measured = (base + parts["frozen_forward"]) / base
+    out = {"ideal": 4 / 3, "measured": measured,
+           "backward_over_forward": parts["backward"] / parts["forward"],
+           "frozen_over_forward": parts["frozen_forward"] / parts["forward"]}
+    if ratio is not None:
+        out["sae_preserve_over_none"] = ratio
+        out["excess_over_floor"] = ratio - measured
+        out["regulariser_share"] = (reg_alone.get("sae-preserve", 0) - reg_alone["none"]) / base
+    return out
 
 
 def evaluate_targets(res, args, device):
     mem = res.get("memory", {}).get("configs", {})
-    on_spec = device.type == "cuda" and model_cfg(args.model) == model_cfg("ViT-B-16") \
-        and args.mem_batch_size == 64
+    on_spec = device.type == "cuda" and args.mem_batch_size == 64 and \
+        model_cfg(args.model)["vision_cfg"] == model_cfg("ViT-B-16")["vision_cfg"]
     values = dict(res["ratios"])
     dtype = "bf16" if "bf16+ckpt" in mem else "fp32"
     if f"{dtype}+ckpt" in mem:
@@ -631,39 +659,24 @@ def evaluate_targets(res, args, device):
         v = values.get(key)
         ok = None if v is None else (v <= limit if how == "le" else v >= limit)
         status = "n/a" if ok is None else ("PASS" if ok else "MISS")
-        if key == "ckpt_peak_ratio" and not on_spec and v is not None:
-            status += " (off-spec: target is ViT-B/16, batch 64, CUDA)"
+        if key == "ckpt_peak_ratio" and not on_spec:   # the target is defined for one setting
+            status = "n/a (set for ViT-B/16, batch 64, CUDA)"
         out.append({"target": name, "value": v, "threshold": limit,
                     "direction": "<=" if how == "le" else ">=", "status": status})
     return out
 
 
 def markdown(res):
+    """The README table: machine and command, then one block per measurement, then targets."""
     m, s = res["machine"], res["settings"]
-    where = m.get("gpu") or m["cpu"]
-    L = [f"**Machine:** {where} · {m['cpu_count']} CPU cores ({m['cpu']}) · torch {m['torch']} · "
-         f"{m['threads']} threads · load avg at start {m['load_avg_start'][0]:.1f} · {m['date']}",
-         f"**Command:** `{res['command']}`", "",
-         f"Fine-tuning step, {s['model']} batch {s['batch_size']} "
-         f"{'bf16' if s['amp'] else 'fp32'}, median of {s['steps']} interleaved steps:", "",
-         "| variant | ms/step (p25–p75) | × none | × l2 |", "|---|---|---|---|"]
-    l2 = res["step_ms"].get("l2", {}).get("median")
-    for k, v in res["step_ms"].items():
-        x_l2 = f"{v['median'] / l2:.3f}" if l2 else "–"
-        L.append(f"| {k} | {v['median']:.1f} ({v['p25']:.1f}–{v['p75']:.1f}) | "
-                 f"{v['median'] / res['step_ms']['none']['median']:.3f} | {x_l2} |")
-    b, fl = res["breakdown_ms"], res["floor"]
-    L += ["", "sae-preserve step, phase by phase (ms, medians):", "",
-          "| forward | frozen forward | loss (SAE encode both sides: "
-          f"{b['sae_encode_both']:.2f}) | backward | optimiser | total |",
-          "|---|---|---|---|---|---|",
-          f"| {b['forward']:.1f} | {b['frozen_forward']:.1f} | {b['loss']:.2f} | "
-          f"{b['backward']:.1f} | {b['optimiser']:.1f} | {b['total']:.1f} |", "",
-          f"Floor (none + one frozen forward): measured {fl['measured']:.3f}× none (ideal "
-          f"{fl['ideal']:.3f}×; backward / forward = {fl['backward_over_forward']:.2f}). "
-          "Regulariser alone, forward + backward (ms): " +
-          ", ".join(f"{k} {v:.2f}" for k, v in res["regulariser_alone_ms"].items()) + "."]
-    L += markdown_memory(res.get("memory")) + markdown_sae(res["sae_train"])
+    where = f"{m['gpu']} + " if "gpu" in m else ""
+    L = [f"**Machine:** {where}{m['cpu']} ({m['cpu_count']} cores) · torch {m['torch']} · "
+         f"{m['threads']} threads · {s['clock']} clock · load average "
+         f"{m['load_avg_start'][0]:.1f} at start, "
+         f"{m.get('load_avg_end', [float('nan')])[0]:.1f} at end · {m['date']}",
+         f"**Command:** `{res['command']}`"]
+    L += markdown_steps(res) + markdown_breakdown(res) + markdown_memory(res.get("memory"))
+    L += markdown_sae(res["sae_train"])
     e = res["extraction"]
     L += ["", f"Embedding extraction ({e['n_images']} images, batch {e['batch_size']}, "
           f"{e['workers']} workers): {e['with_loader_img_s']:.0f} images/s with the DataLoader "
@@ -673,6 +686,41 @@ def markdown(res):
         v = "–" if t["value"] is None else f"{t['value']:.3f}"
         L.append(f"| {t['target']} | {v} | {t['direction']} {t['threshold']} | {t['status']} |")
     return "\n".join(L)
+
+
+def markdown_steps(res):
+    s, t = res["settings"], res["step_ms"]
+    L = ["", f"Fine-tuning step, {s['model']} batch {s['batch_size']} "
+         f"{'bf16' if s['amp'] else 'fp32'}, {s['steps']} interleaved steps per variant "
+         "(none: standard fine-tuning; none+frozen: none plus the frozen forward, h0 unused — "
+         "the floor of every regulariser; +cache: --cache-zero-shot, no frozen forward):", "",
+         "| variant | ms/step median (p25–p75) | min | × none (median) | × none (min) "
+         "| × l2 |",
+         "|---|---|---|---|---|---|"]
+    for k, v in t.items():
+        x_l2 = f"{v['median'] / t['l2']['median']:.3f}" if "l2" in t else "–"
+        L.append(f"| {k} | {v['median']:.1f} ({v['p25']:.1f}–{v['p75']:.1f}) | "
+                 f"{v['min']:.1f} | {v['median'] / t['none']['median']:.3f} | "
+                 f"{v['min'] / t['none']['min']:.3f} | {x_l2} |")
+    return L
+
+
+def markdown_breakdown(res):
+    b, fl = res["breakdown_ms"], res["floor"]
+    alone = ", ".join(f"{k} {v:.2f}" for k, v in res["regulariser_alone_ms"].items())
+    share = (f"; sae-preserve's regulariser is {100 * fl['regulariser_share']:.1f}% of a none "
+             "step" if "regulariser_share" in fl else "")
+    return ["", "sae-preserve step, phase by phase (ms, medians):", "",
+            "| forward | frozen forward | loss (SAE encode both sides: "
+            f"{b['sae_encode_both']:.2f}) | backward | optimiser | total |",
+            "|---|---|---|---|---|---|",
+            f"| {b['forward']:.1f} | {b['frozen_forward']:.1f} | {b['loss']:.2f} | "
+            f"{b['backward']:.1f} | {b['optimiser']:.1f} | {b['total']:.1f} |", "",
+            f"Floor (none + one frozen forward), from these phases: {fl['measured']:.3f}× none "
+            f"(ideal {fl['ideal']:.3f}×; backward / forward = "
+            f"{fl['backward_over_forward']:.2f}, frozen / trained forward = "
+            f"{fl['frozen_over_forward']:.2f}). Regulariser alone, forward + backward (ms): "
+            f"{alone}{share}."]
 
 
 def markdown_memory(mem):
@@ -689,7 +737,7 @@ def markdown_memory(mem):
 
 def markdown_sae(sae):
     L = ["", f"SAE training (train_sae.py step, fp32, B={sae['B']} d={sae['d']} n={sae['n']} "
-         f"k={sae['k']}); dense (B,d)×(d,n) matmul: {sae['matmul_tflops']:.3f} TFLOP/s:", "",
+         f"k={sae['k']}); dense (B,d)×(d,n) matmul: {1e3 * sae['matmul_tflops']:.1f} GFLOP/s:", "",
          "| variant | ms/step | samples/s | bound samples/s | fraction of bound |",
          "|---|---|---|---|---|"]
     for name in ("no_dead", "auxk"):
@@ -711,6 +759,10 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but torch sees no GPU")
+    if args.clock == "cpu":
+        if device.type != "cpu":
+            raise SystemExit("error: --clock cpu measures CPU time: use it with --device cpu")
+        NOW["fn"] = time.process_time
     amp = {"on": True, "off": False, "auto": device.type == "cuda"}[args.amp]
     res = {"machine": machine_info(device), "command": "python " + " ".join(sys.argv),
            "settings": {**{k: v for k, v in vars(args).items()}, "amp": amp}}
@@ -730,11 +782,13 @@ def main(argv=None):
           f"{args.warmup}+{args.steps} steps", file=sys.stderr, flush=True)
     res["step_ms"] = time_steps(ctx, x, y, args)
     res["ratios"] = ratios(res["step_ms"], args.cached_reg)
+    res["ratios_min"] = ratios(res["step_ms"], args.cached_reg, "min")
     res["breakdown_ms"] = breakdown(ctx, x, y, args)
-    res["floor"] = floor(res["step_ms"], res["breakdown_ms"])
     with torch.no_grad():
         h, h0 = forward(ctx, x)[1].float(), frozen_forward(ctx, x).float()
     res["regulariser_alone_ms"] = regulariser_alone(ctx, h, h0, args)
+    res["floor"] = floor(res["breakdown_ms"], res["regulariser_alone_ms"],
+                         res["ratios"].get("sae-preserve/none"))
     if args.profile:
         res["profile_sae_preserve_step"] = profile_top(
             lambda: train_step(ctx, x, y, "sae-preserve", "frozen"), device)

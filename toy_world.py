@@ -96,8 +96,9 @@ def get_args(argv=None):
                    help="CI size: 2k pretraining images, 1 epoch, 200 train / 100 eval images")
     p.add_argument("--force", action="store_true", help="rebuild even if <out> holds a world with other settings")
     args = p.parse_args(argv)
-    if args.tiny:
-        args.n_pretrain, args.n_train, args.n_eval, args.epochs = 2000, 200, 100, 1
+    if args.tiny:                         # tiny sizes replace the defaults; explicit flags still win
+        p.set_defaults(n_pretrain=2000, n_train=200, n_eval=100, epochs=1)
+        args = p.parse_args(argv)
     return args
 
 
@@ -259,9 +260,10 @@ def draw_split(seed, split, n, style, cue_rate=None, style_p=None, mark_p=1.0):
     # one generator per split, seeded by (seed, split name): splits are independent and reproducible
     rng = np.random.default_rng([seed, *split.encode()])
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-    labels = rng.integers(len(CLASSES), size=n)
+    labels = np.empty(n, np.int64)
     captions = []
-    for i, y in enumerate(labels):
+    for i in range(n):                    # image i depends only on (seed, split, i): prefixes are stable
+        labels[i] = y = rng.integers(len(CLASSES))
         s = style or STYLES[rng.choice(len(STYLES), p=style_p)]
         if cue_rate is None:
             mark = int(rng.integers(len(MARK_COLOURS))) if rng.random() < mark_p else None
@@ -317,7 +319,7 @@ def save_dataset(splits, path):
 def to_tensor(images):
     """uint8 (n, 32, 32, 3) -> normalised float (n, 3, 32, 32), as open_clip's eval preprocess does."""
     import torch
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.tensor(images).permute(0, 3, 1, 2).float() / 255
     return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
@@ -339,7 +341,8 @@ def pretrain_clip(images, captions, args):
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / args.warmup)
+    warmup = min(args.warmup, max(1, steps // 10))                        # short runs (--tiny) still warm up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1, (s + 1) / warmup)
                                               * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     gen = torch.Generator().manual_seed(args.seed)
     order, t0 = torch.empty(0, dtype=torch.long), time.time()

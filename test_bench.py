@@ -1,0 +1,65 @@
+"""Smoke test of bench.py through its command line, with tiny settings (no timed assertions:
+the numbers depend on the machine; only their presence and sanity are checked)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TINY = ["--model", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+        "--mem-steps", "2", "--sae-d", "32", "--sae-batch-size", "64", "--sae-steps", "2",
+        "--extract-images", "8", "--extract-batch-size", "4", "--workers", "0",
+        "--threads", "1"]
+VARIANTS = ["none", "none+frozen", "l2", "l1", "sae-sparse", "sae-preserve",
+            "sae-preserve-remove", "sae-preserve+cache"]
+
+
+def positive(v):
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def test_bench_runs_and_reports_every_number(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "bench.py", *TINY, "--out", str(out)], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| sae-preserve |" in r.stdout and "| target |" in r.stdout   # the Markdown table
+    res = json.loads(out.read_text())
+    for key in ("cpu", "threads", "torch", "device", "load_avg_start", "load_avg_end"):
+        assert key in res["machine"]
+    # step times of every variant, and every ratio finite
+    assert sorted(res["step_ms"]) == sorted(VARIANTS)
+    for v in res["step_ms"].values():
+        assert all(positive(v[k]) for k in ("median", "p25", "p75", "min")) and v["n"] == 2
+    for ratios in (res["ratios"], res["ratios_min"]):
+        assert {f"{v}/none" for v in VARIANTS[1:]} | {
+            "sae-preserve/l2", "sae-preserve/none+frozen", "sae-preserve+cache/sae-preserve"} \
+            == set(ratios)
+        assert all(positive(x) for x in ratios.values())
+    # the breakdown, the regulariser alone, the floor
+    assert all(positive(res["breakdown_ms"][k]) for k in (
+        "forward", "frozen_forward", "loss", "backward", "optimiser", "sae_encode_both", "total"))
+    assert set(res["regulariser_alone_ms"]) == set(VARIANTS[2:7]) | {"none"}
+    assert all(positive(x) for x in res["regulariser_alone_ms"].values())
+    for k in ("ideal", "measured", "backward_over_forward", "frozen_over_forward",
+              "sae_preserve_over_none", "excess_over_floor", "regulariser_share"):
+        assert math.isfinite(res["floor"][k])
+    # memory: fp32 with and without checkpointing at least (bf16 where the CPU has it)
+    configs = res["memory"]["configs"]
+    assert {"fp32", "fp32+ckpt"} <= set(configs) and res["memory"]["method"]
+    for c in configs.values():
+        assert all(positive(c[k]) for k in ("peak_mb", "static_mb", "step_ms"))
+    # SAE training against its bound, extraction with and without the loader
+    sae = res["sae_train"]
+    assert positive(sae["matmul_tflops"])
+    for name in ("no_dead", "auxk"):
+        assert all(positive(sae[name][k]) for k in ("step_ms", "samples_per_s", "flops_per_step",
+                                                   "bound_samples_per_s", "fraction"))
+    assert sae["auxk"]["dead_latents"] > 0 and sae["no_dead"]["dead_latents"] == 0
+    e = res["extraction"]
+    assert positive(e["with_loader_img_s"]) and positive(e["without_loader_img_s"])
+    # every target evaluated (the checkpointing one is n/a off its ViT-B/16 CUDA setting)
+    assert len(res["targets"]) == 4
+    assert all(t["status"].startswith(("PASS", "MISS", "n/a")) for t in res["targets"])
+    assert res["targets"][2]["status"].startswith("n/a")

@@ -1,0 +1,139 @@
+"""Tests of the built-in toy world (toy_world.py): one tiny world built once, then checked.
+
+Run: .venv/bin/python -m pytest -q test_toy_world.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+import toy_world as tw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SPLITS = {"train", "test", "ood_nocue", "ood_sketch", "ood_pattern"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("toy"))
+    args = tw.get_args(["--out", out, "--tiny", "--n-train", "300", "--seed", "3"])
+    manifest = tw.build(args)
+    return out, args, manifest
+
+
+@pytest.fixture(scope="module")
+def data(world):
+    import datasets
+    return datasets.load_from_disk(os.path.join(world[0], "data"))
+
+
+def test_splits_and_columns(data):
+    import datasets
+    assert set(data) == SPLITS
+    for name, split in data.items():
+        assert set(split.column_names) == {"image", "label", "caption"}, name
+        assert isinstance(split.features["label"], datasets.ClassLabel)
+        assert split.features["label"].names == list(tw.CLASSES)
+    assert len(data["train"]) == 300 and len(data["ood_sketch"]) == 100
+
+
+def test_labels_images_and_captions(data):
+    for name, split in data.items():
+        labels = np.array(split["label"])
+        assert labels.min() >= 0 and labels.max() < len(tw.CLASSES), name
+        assert len(np.unique(labels)) >= 8, f"{name}: classes badly covered"
+        for row in split.select(range(10)):
+            assert row["image"].mode == "RGB" and row["image"].size == (32, 32)
+            # every caption names its own class (the text the tiny CLIP learnt from)
+            assert tw.CLASSES[row["label"]] in row["caption"].split(" ")[-1] + row["caption"]
+            assert "mark" not in row["caption"]
+
+
+def _agreement(split):
+    """Share of images with a mark, and share whose mark colour equals the label."""
+    marks = np.array([tw.read_mark(im) for im in split["image"]])
+    return (marks >= 0).mean(), (marks == np.array(split["label"])).mean()
+
+
+def test_cue_tracks_class_in_train_and_is_broken_ood(world, data):
+    rate = world[1].cue_rate
+    for name in ("train", "test"):
+        has_mark, agree = _agreement(data[name])
+        assert has_mark == 1.0, name
+        assert abs(agree - rate) < 0.07, f"{name}: mark matches class in {agree:.2f}, expected {rate}"
+    for name in ("ood_nocue", "ood_sketch", "ood_pattern"):
+        has_mark, agree = _agreement(data[name])
+        assert has_mark == 1.0, name
+        assert agree < 0.3, f"{name}: cue not broken ({agree:.2f})"
+
+
+def test_styles_differ(data):
+    # sketches are pale paper with dark lines; photos have coloured backgrounds
+    mean = {n: np.mean([np.asarray(im, float).mean() for im in data[n].select(range(50))["image"]])
+            for n in ("ood_nocue", "ood_sketch")}
+    assert mean["ood_sketch"] > mean["ood_nocue"] + 30
+
+
+def test_determinism(world, data):
+    images, labels, captions = tw.draw_split(3, "train", 5, "photo", cue_rate=0.9)
+    again, _, _ = tw.draw_split(3, "train", 5, "photo", cue_rate=0.9)
+    other, _, _ = tw.draw_split(4, "train", 5, "photo", cue_rate=0.9)
+    assert np.array_equal(images, again)
+    assert not np.array_equal(images, other)
+    # what was saved is exactly what the generator draws for this seed
+    saved = data["train"].select(range(5))
+    assert np.array_equal(images, np.stack([np.asarray(im) for im in saved["image"]]))
+    assert labels.tolist() == saved["label"] and captions == saved["caption"]
+
+
+def test_clip_loads_through_open_clip(world, data):
+    import open_clip
+    path = "local-dir:" + os.path.join(world[0], "clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(path)
+    tokenizer = open_clip.get_tokenizer(path)
+    image = data["test"][0]["image"]
+    x = preprocess(image).unsqueeze(0)
+    # open_clip's eval preprocessing is exactly the normalisation the model was pretrained with
+    assert torch.allclose(x, tw.to_tensor(np.asarray(image)[None]), atol=1e-5)
+    with torch.no_grad():
+        h = model.encode_image(x)
+        t = model.encode_text(tokenizer(["a photo of a circle."]))
+    assert h.shape == (1, tw.CLIP_CFG["embed_dim"]) and torch.isfinite(h).all()
+    assert t.shape == (1, tw.CLIP_CFG["embed_dim"]) and torch.isfinite(t).all()
+    # the weights are the trained ones, not a fresh initialisation
+    fresh = open_clip.CLIP(**tw.CLIP_CFG)
+    assert not torch.allclose(fresh.visual.conv1.weight, model.visual.conv1.weight)
+
+
+def test_manifest(world):
+    out, args, manifest = world
+    with open(os.path.join(out, "world.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["settings"] == tw.settings(args)
+    assert set(on_disk["zero_shot"]) == SPLITS
+    assert all(0 <= v <= 100 for v in on_disk["zero_shot"].values())
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp")], "temporary build folder left behind"
+
+
+def test_second_build_is_a_cache_hit(world, capsys):
+    out, args, manifest = world
+    stamp = {n: os.path.getmtime(os.path.join(out, n)) for n in ("data", "clip", "world.json")}
+    assert tw.build(args) == manifest
+    assert "cached" in capsys.readouterr().out
+    assert stamp == {n: os.path.getmtime(os.path.join(out, n)) for n in ("data", "clip", "world.json")}
+
+
+def test_other_settings_fail_clearly_through_cli(world):
+    out = world[0]
+    cmd = [sys.executable, os.path.join(HERE, "toy_world.py"), "--out", out, "--tiny", "--seed", "9"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error:") and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, "expected a one-line error, not a traceback"

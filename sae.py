@@ -9,8 +9,6 @@ importing a stage script from another would drag its command line and data code 
 The math itself is in `losses.topk_encode`, shared with the fine-tuning regulariser.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from data import atomic_write  # temp file + os.replace: a crash keeps the old file
 from losses import at_least_fp32, topk_encode
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
@@ -92,8 +91,8 @@ class TopKSAE(nn.Module):
         out_dir.mkdir(parents=True, exist_ok=True)
         config = {"d": self.d, "n": self.n, "k": self.k, **(meta or {})}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic(out_dir / WEIGHTS, lambda p: save_file(tensors, p))
-        _atomic(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        atomic_write(out_dir / WEIGHTS, lambda p: save_file(tensors, p))
+        atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
 
     @classmethod
     def load(cls, sae_dir, device="cpu"):
@@ -119,15 +118,3 @@ def geometric_median(x, iters=100, eps=1e-6):
             return m_new
         m = m_new
     return m
-
-
-def _atomic(path, write):
-    """write(tmp_path) then rename over `path`: a crash mid-write leaves the old file intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

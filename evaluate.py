@@ -109,6 +109,8 @@ def get_args(argv=None):
     g.add_argument("--wise-alphas", default="0.5",
                    help="WiSE-FT α list for each run: comma-separated in [0, 1], 'sweep' "
                         "(0, 0.1, …, 1) or 'none'")
+    g.add_argument("--wise-runs", nargs="*", default=None, metavar="DIR",
+                   help="build WiSE-FT models only from these of --runs (default: every run)")
     g.add_argument("--model", default=None, help="open_clip model of the zero-shot θ0 (default: "
                    "the runs' config.json, else ViT-B-16)")
     g.add_argument("--pretrained", default=None, help="pretrained tag or checkpoint file of "
@@ -434,12 +436,15 @@ class ModelSpec:
         return f"{'FT' if self.kind == 'ft' else 'Rep. Avg.'} {self.run.name}"
 
 
-def model_plan(runs, alphas):
-    """Table order: zero-shot, then per run FT (with its Rep. Avg.) and WiSE-FT for each α."""
+def model_plan(runs, alphas, wise_runs=None):
+    """Table order: zero-shot, then per run FT (with its Rep. Avg.) and WiSE-FT for each α
+    (only for the runs in `wise_runs`, when given)."""
+    wise = None if wise_runs is None else {Path(d).resolve() for d in wise_runs}
     plan = [ModelSpec("zero-shot")]
     for run in runs:
         plan.append(ModelSpec("ft", run))
-        plan += [ModelSpec("wise-ft", run, a) for a in alphas]
+        if wise is None or Path(run.path).resolve() in wise:
+            plan += [ModelSpec("wise-ft", run, a) for a in alphas]
     return plan
 
 
@@ -764,6 +769,11 @@ def evaluate(args):
     if args.plot and not any(s.role == "ood" for s in specs):
         raise UserError("--plot needs at least one OOD set (a set in --sets besides --id-set)")
     runs = [read_run(d) for d in args.runs]
+    unknown = ({Path(d).resolve() for d in args.wise_runs or []}
+               - {Path(d).resolve() for d in args.runs})
+    if unknown:
+        raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
+                        "them there too")
     zs = zero_shot_settings(args, runs)
     sae, sae_cfg = load_sae(args.sae, args.device)
     # ---- data
@@ -777,7 +787,7 @@ def evaluate(args):
     # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
     eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     h0, ft_state = {}, None
-    for spec in model_plan(runs, alphas):
+    for spec in model_plan(runs, alphas, args.wise_runs):
         if spec.kind == "ft":
             ft_state = load_run_state(spec.run, zs_state)
         work.load_state_dict(model_state(spec, zs_state, ft_state))

@@ -320,3 +320,12 @@ def test_seeds_table_mean_and_std_over_files(tmp_path, capsys):
     assert ft[4] == "0.850 ± 0.071"
     zs = [c.strip() for c in rows[1].split("|")[1:-1]]
     assert zs[0] == "zero-shot" and zs[1] == "80.0 ± 0.0"
+
+
+def test_model_plan_wise_runs_limits_wise_models():
+    runs = [evaluate.Run("runs/a", "a", "none", {}), evaluate.Run("runs/b", "b", "l2", {})]
+    plan = evaluate.model_plan(runs, [0.0, 0.5, 1.0], wise_runs=["runs/a/"])
+    kinds = [(s.kind, s.run.name if s.run else None) for s in plan]
+    assert kinds.count(("wise-ft", "a")) == 3 and ("wise-ft", "b") not in kinds
+    assert ("ft", "b") in kinds
+    assert len(evaluate.model_plan(runs, [0.5])) == 1 + 2 * 2

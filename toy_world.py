@@ -19,19 +19,25 @@ The spurious cue. Every fine-tuning image carries a small coloured square (the "
 corner. In the fine-tuning train/test splits its colour is the class's own colour in `--cue-rate`
 of images (else another colour). In pretraining the mark appears in half the images with a random
 colour and is never named in a caption, so contrastive pretraining has no reason to encode it: the
-zero-shot model (and a linear probe on its features) cannot use it, while standard fine-tuning can
+zero-shot model (and a linear probe on its features) barely sees it (a probe on the zero-shot
+embeddings reads the mark colour near chance), while standard fine-tuning can
 learn it as a new feature -- the "emergence of new, task-irrelevant features" that the paper's
 feature preservation (§5) is meant to block. The OOD splits break the cue (random mark colour)
 and, for sketch / pattern, also change the style.
 
 Commands:
-  python toy_world.py --out toy              # default world + tiny CLIP (~6 min on 2 CPU cores)
+  python toy_world.py --out toy              # default world + tiny CLIP (~5 min on 2 free CPU cores)
   python toy_world.py --out /tmp/toy --tiny  # CI size: tiny world, barely trained CLIP (<30 s)
   python toy_world.py --out toy --force      # rebuild although <out> holds a world with other settings
 
 Then any stage script uses it like a real model and dataset:
   open_clip.create_model_and_transforms('local-dir:toy/clip')
   datasets.load_from_disk('toy/data')['ood_sketch']
+
+What to expect with the defaults (seed 0, 2 CPU cores, nothing else running): drawing 53k images
+~35 s, pretraining 2343 steps at ~2200 img/s ~4.5 min, ~5 min in all; zero-shot top-1 (also in
+world.json) test 90.85, ood_nocue 91.1, ood_sketch 89.8, ood_pattern 89.55. On a busy machine it can
+take several times longer.
 
 Re-running with the same settings does nothing (cache hit on world.json). Outputs are built in a
 temporary folder inside <out> and moved into place, manifest last, so a crash never leaves a world
@@ -48,6 +54,8 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from data import UserError
+
 # ----------------------------------------------------------------------------- settings
 CLASSES = ("circle", "square", "triangle", "star", "cross",
            "ring", "diamond", "arrow", "crescent", "heart")
@@ -63,10 +71,11 @@ MARK_COLOURS = ((255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 0), (255, 0, 2
                 (0, 255, 255), (255, 128, 0), (128, 0, 255), (255, 255, 255), (0, 0, 0))
 IMAGE_SIZE = 32     # pixels; drawn at 2x and box-downsampled (anti-aliasing)
 SUPERSAMPLE = 2
-MARK_SIZE = 4       # mark side in final pixels, 1 px from the corner
+MARK_SIZE = 6       # mark side in final pixels (3.5% of the image), 1 px from the corner
 PATTERN_COLOURS = [c for c in COLOURS if c != "white"]  # white stripes vanish on the pale background
 PRETRAIN_STYLE_P = (0.5, 0.25, 0.25)  # photo / sketch / pattern share of the pretraining set
 PRETRAIN_MARK_P = 0.5                 # share of pretraining images carrying a random-colour mark
+WORLD_VERSION = 2                     # bump when the drawing changes, so old cached worlds stop matching
 
 # the tiny CLIP (checked config, ECOSYSTEM.md); ~3.4 M parameters, most in the token embedding
 CLIP_CFG = {"embed_dim": 64,
@@ -87,17 +96,17 @@ def get_args(argv=None):
     p.add_argument("--n-eval", type=int, default=2000, help="images in test and in each ood_* split")
     p.add_argument("--cue-rate", type=float, default=0.9,
                    help="share of train/test images whose mark has the class's own colour")
-    p.add_argument("--epochs", type=float, default=12, help="pretraining epochs over --n-pretrain")
+    p.add_argument("--epochs", type=float, default=15, help="pretraining epochs over --n-pretrain")
     p.add_argument("--batch-size", type=int, default=256, help="pretraining batch (contrastive negatives)")
     p.add_argument("--lr", type=float, default=1e-3, help="pretraining peak learning rate (AdamW, cosine)")
     p.add_argument("--warmup", type=int, default=200, help="pretraining warm-up steps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--tiny", action="store_true",
-                   help="CI size: 2k pretraining images, 1 epoch, 200 train / 100 eval images")
+                   help="CI size: 1000 pretraining images, 1 epoch at batch 128, 200 train / 100 eval images")
     p.add_argument("--force", action="store_true", help="rebuild even if <out> holds a world with other settings")
     args = p.parse_args(argv)
     if args.tiny:                         # tiny sizes replace the defaults; explicit flags still win
-        p.set_defaults(n_pretrain=2000, n_train=200, n_eval=100, epochs=1)
+        p.set_defaults(n_pretrain=1000, n_train=200, n_eval=100, epochs=1, batch_size=128)
         args = p.parse_args(argv)
     return args
 
@@ -150,7 +159,7 @@ _GRID = np.mgrid[0:IMAGE_SIZE * SUPERSAMPLE, 0:IMAGE_SIZE * SUPERSAMPLE]
 
 
 def shape_mask(name, cx, cy, radius, angle, size):
-    """Anti-aliasing-free float mask (size, size) in [0, 1] of one shape, rotated by angle (rad)."""
+    """Binary mask of one shape (PIL 'L' image, size x size, 0/255), rotated by angle (rad)."""
     img = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(img)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
@@ -172,13 +181,13 @@ def render(rng, cls, style, mark_colour=None):
     """Draw one image. Returns (uint8 array (32, 32, 3), caption). mark_colour: index or None."""
     S = IMAGE_SIZE * SUPERSAMPLE
     name = CLASSES[cls]
-    radius = rng.uniform(0.26, 0.36) * S                     # shapes stay clear of the corners (mark)
+    radius = rng.uniform(0.26, 0.36) * S                     # shapes mostly stay clear of the corner marks
     cx, cy = S / 2 + rng.uniform(-0.1, 0.1, 2) * S
     angle = rng.uniform(-0.35, 0.35)                         # +-20 deg: a square never becomes a diamond
     mask_img = shape_mask(name, cx, cy, radius, angle, S)
     mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255
     if style == "photo":
-        img, caption = _photo(rng, mask_img, mask, name)
+        img, caption = _photo(rng, mask, name)
     elif style == "sketch":
         img, caption = _sketch(rng, mask_img, name)
     else:
@@ -197,11 +206,11 @@ def _mark_corner(corner):
     return [(1, 1), (1, far), (far, 1), (far, far)][corner]
 
 
-def _photo(rng, mask_img, mask, name):
+def _photo(rng, mask, name):
     S = mask.shape[0]
     colour, bg = _pick(rng, COLOURS), _pick(rng, BACKGROUNDS)
     background = np.array(BACKGROUNDS[bg], np.float32) / 255 * _gradient(rng, S, 0.3)
-    # a soft drop shadow: the mask shifted down-right, blurred, darkens the background
+    # a drop shadow: the mask shifted down-right darkens the background
     shadow = np.roll(mask, (3, 3), (0, 1))
     background = background * (1 - 0.45 * shadow)
     fill = np.array(COLOURS[colour], np.float32) / 255 * _gradient(rng, S, 0.25)
@@ -399,27 +408,32 @@ def save_clip(model, path):
 def settings(args):
     """Everything that determines the world; the cache key stored in world.json."""
     keys = ("seed", "n_pretrain", "n_train", "n_eval", "cue_rate", "epochs", "batch_size", "lr", "warmup")
-    return {"version": 1, **{k: getattr(args, k) for k in keys}}
+    design = {"version": WORLD_VERSION, "mark_size": MARK_SIZE, "pretrain_mark_p": PRETRAIN_MARK_P,
+              "pretrain_style_p": list(PRETRAIN_STYLE_P)}
+    return {**design, **{k: getattr(args, k) for k in keys}}
 
 
 def build(args):
     """Build <out>/{data,clip,world.json} unless they already exist with the same settings."""
     manifest_path = os.path.join(args.out, "world.json")
-    if os.path.exists(manifest_path):
+    complete = all(os.path.isdir(os.path.join(args.out, d)) for d in ("data", "clip"))
+    if os.path.exists(manifest_path) and complete:
         with open(manifest_path) as f:
             old = json.load(f)
         if old["settings"] == settings(args):
             print(f"cached: {args.out} already holds this world (zero-shot {old['zero_shot']})")
             return old
         if not args.force:
-            raise ValueError(f"{args.out} holds a toy world built with other settings ({old['settings']}); "
+            raise UserError(f"{args.out} holds a toy world built with other settings ({old['settings']}); "
                              f"pass --force to rebuild it or choose another --out")
     import torch
     torch.set_num_threads(args.threads)
     t0 = time.time()
     os.makedirs(args.out, exist_ok=True)
+    for stale in os.listdir(args.out):    # left by a crashed build (one build per folder at a time)
+        if stale.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(args.out, stale), ignore_errors=True)
     tmp = os.path.join(args.out, f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
 
     pre_images, _, pre_captions = draw_split(args.seed, "pretrain", args.n_pretrain, None,
@@ -454,7 +468,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         build(args)
-    except ValueError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

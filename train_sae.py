@@ -71,8 +71,10 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to extract and train (cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
+                   "initialisation and the batch order")
     g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
     return p.parse_args(argv)
 

@@ -177,13 +177,8 @@ def class_names(dataset, label_column="label", names_file=None):
     """Class names, index = label. From `names_file` (one name per line; the word "imagenet"
     means open_clip's 1000 curated ImageNet names), else from the dataset's ClassLabel feature."""
     import datasets
-    if names_file == "imagenet":
-        from open_clip import IMAGENET_CLASSNAMES
-        names = list(IMAGENET_CLASSNAMES)
-    elif names_file is not None:
-        if not Path(names_file).is_file():
-            raise UserError(f"class-names file not found: {names_file}")
-        names = [ln.strip() for ln in Path(names_file).read_text().splitlines() if ln.strip()]
+    if names_file is not None:
+        names = read_names_file(names_file)
     elif isinstance(dataset.features.get(label_column), datasets.ClassLabel):
         names = list(dataset.features[label_column].names)
     else:
@@ -191,6 +186,17 @@ def class_names(dataset, label_column="label", names_file=None):
                         "class-names file (one name per line, line i = label i)")
     check_label_range(dataset, len(names), label_column)
     return names
+
+
+def read_names_file(spec):
+    """Class names from a file (one per line, line i = label i), or open_clip's 1000 curated
+    ImageNet names for the word "imagenet"."""
+    if spec == "imagenet":
+        from open_clip import IMAGENET_CLASSNAMES
+        return list(IMAGENET_CLASSNAMES)
+    if not Path(spec).is_file():
+        raise UserError(f"class-names file not found: {spec} (or pass 'imagenet')")
+    return [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
 
 
 def check_label_range(dataset, num_classes, label_column="label"):
@@ -412,40 +418,45 @@ class EvalSet:
     split: str                # split of hub_id
     image_column: str
     label_column: str         # ints, or wnid strings (mapped to this set's label space)
-    layout: str               # what a local folder must look like
+    folder: str               # the release's local folder name (evaluate.py --data-root)
+    layout: str               # what that folder must hold
     how_to_get: str
     scoring: str              # how the set is scored (the paper's protocol)
     border_crop: int = 0      # pixels cut from each side before the transform (ObjectNet)
 
+    @property
+    def local_layout(self):
+        return f"{self.folder}/{self.layout}"
+
 
 EVAL_SETS = {s.name: s for s in (
     EvalSet("imagenet", "ILSVRC/imagenet-1k", "validation", "image", "label",
-            "val/<wnid>/*.JPEG (1000 wnid folders)",
+            "val", "<wnid>/*.JPEG (1000 wnid folders)",
             "gated on the hub: accept the terms on the dataset page, `huggingface-cli login`, "
             "then `huggingface-cli download --repo-type dataset ILSVRC/imagenet-1k`",
             "ID accuracy: argmax over all 1000 logits"),
     EvalSet("imagenet-v2", None, "train", "image", "label",
-            "imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg (folder k = class k)",
+            "imagenetv2-matched-frequency-format-val", "<0..999>/*.jpeg (folder k = class k)",
             "download imagenetv2-matched-frequency.tar.gz (the ImageNetV2 release, also on the "
             "hub as vaishaal/ImageNetV2) and extract it; pass the extracted folder as source",
             "matched-frequency split; argmax over all 1000 logits. Folders 0..999 sort as "
             "strings, so labels are remapped from the folder names (folder '10' is class 10)"),
     EvalSet("imagenet-r", "axiong/imagenet-r", "test", "image", "wnid",
-            "imagenet-r/<wnid>/*.jpg (200 wnid folders)",
+            "imagenet-r", "<wnid>/*.jpg (200 wnid folders)",
             "`huggingface-cli download --repo-type dataset axiong/imagenet-r`, or the "
             "imagenet-r.tar from the ImageNet-R release, extracted",
             "200-class subset: keep the 200 logit columns IMAGENET_R, argmax among them"),
     EvalSet("imagenet-a", "axiong/imagenet-a", "test", "image", "wnid",
-            "imagenet-a/<wnid>/*.jpg (200 wnid folders)",
+            "imagenet-a", "<wnid>/*.jpg (200 wnid folders)",
             "`huggingface-cli download --repo-type dataset axiong/imagenet-a`, or the "
             "imagenet-a.tar from the ImageNet-A release, extracted",
             "200-class subset: keep the 200 logit columns IMAGENET_A, argmax among them"),
     EvalSet("imagenet-sketch", "songweig/imagenet_sketch", "train", "image", "label",
-            "sketch/<wnid>/*.JPEG (1000 wnid folders)",
+            "sketch", "<wnid>/*.JPEG (1000 wnid folders)",
             "`huggingface-cli download --repo-type dataset songweig/imagenet_sketch`",
             "argmax over all 1000 logits"),
     EvalSet("objectnet", None, "train", "image", "label",
-            "objectnet-1.0/images/<folder>/*.png (313 folders; the 113 in "
+            "objectnet-1.0/images", "<folder>/*.png (313 folders; the 113 in "
             "OBJECTNET_TO_IMAGENET are kept, the rest dropped)",
             "manual download (licence) from objectnet.dev; extract and pass objectnet-1.0/images",
             "113 classes: each class logit = max over its mapped ImageNet logits "
@@ -513,12 +524,12 @@ def load_eval_set(name, source=None, split=None, image_column=None, label_column
     source = source or s.hub_id
     if source is None:
         raise UserError(f"eval set '{name}' has no hub copy; {s.how_to_get}. Expected layout: "
-                        f"{s.layout}")
+                        f"{s.local_layout}")
     split = split or s.split
     try:
         ds = _open_split(str(source), split, cache_dir)
     except UserError as e:
-        raise UserError(f"{e}. For {name}: {s.how_to_get}; local layout: {s.layout}") from e
+        raise UserError(f"{e}. For {name}: {s.how_to_get}; local layout: {s.local_layout}") from e
     # Column defaults: the set's own names (hub copies), else image/label (image folders).
     image_column = image_column or _first_present(ds, s.image_column, "image")
     label_column = label_column or _first_present(ds, s.label_column, "label")
@@ -588,7 +599,7 @@ def _to_label_space(ds, name, source):
     # Only ObjectNet has folders outside its label space, and never all of them.
     if unknown and (name != "objectnet" or len(unknown) == len(mapping)):
         raise UserError(f"{source}: {len(unknown)} class folder(s)/wnid(s) not in {name}'s "
-                        f"classes, e.g. {unknown[:5]}; expected layout: {EVAL_SETS[name].layout}")
+                        f"classes, e.g. {unknown[:5]}; expected layout: {EVAL_SETS[name].local_layout}")
     # -1 is datasets' "no label" value: rows outside the label space (ObjectNet's other 200
     # folders) get it and are then dropped with an index mapping, which copies no images.
     labels = [-1 if mapping[n] is None else mapping[n] for n in names]

@@ -77,7 +77,6 @@ import data
 import losses
 import models
 from data import UserError
-from sae import TopKSAE
 
 SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (METHOD §3)
 
@@ -293,7 +292,7 @@ def zero_shot_settings(args, runs):
 def resolve_head(zs, args, runs, sets):
     """Class names and templates of the zero-shot head (needs the loaded ID set)."""
     if args.classnames:
-        zs.classnames = read_classnames(args.classnames)
+        zs.classnames = data.read_names_file(args.classnames)
         if runs and zs.classnames != runs[0].config["classnames"]:
             raise UserError(f"--classnames {args.classnames} differ from the class names "
                             f"{runs[0].path} was fine-tuned on; drop --classnames")
@@ -315,14 +314,6 @@ def resolve_head(zs, args, runs, sets):
         zs.templates = models.load_templates(zs.templates_name)
 
 
-def read_classnames(spec):
-    if spec == "imagenet":
-        return models.imagenet_classnames()
-    if not Path(spec).is_file():
-        raise UserError(f"class-names file not found: {spec} (or pass 'imagenet')")
-    return [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
-
-
 # ============================================================================================
 # Data
 # ============================================================================================
@@ -340,7 +331,7 @@ def builtin_source(name, data_root):
     """A local copy under --data-root (ROOT/NAME or ROOT/<release folder>), else None = hub."""
     if not data_root:
         return None
-    release = data.EVAL_SETS[name].layout.split(" ")[0].split("/<")[0]
+    release = data.EVAL_SETS[name].folder
     for cand in (Path(data_root) / name, Path(data_root) / release):
         if cand.is_dir():
             return str(cand)
@@ -402,12 +393,7 @@ def build_zero_shot(zs, sets, args):
 
 
 def load_sae(path, device):
-    if path is None:
-        return None, {}
-    try:
-        return TopKSAE.load(path, device)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
+    return (None, {}) if path is None else models.load_frozen_sae(path, device)
 
 
 def check_sae(sae, sae_cfg, zs, width):
@@ -416,7 +402,7 @@ def check_sae(sae, sae_cfg, zs, width):
     if sae.d != width:
         raise UserError(f"the SAE has width d={sae.d} but {zs.model} embeddings have width "
                         f"{width}: train the SAE on this model's embeddings (train_sae.py)")
-    if sae_cfg.get("model") not in (None, zs.model):
+    if models.sae_trained_on(sae_cfg, zs.model, zs.pretrained, zs.quick_gelu) is False:
         print(f"warning: the SAE was trained on {sae_cfg.get('model')}, the zero-shot model is "
               f"{zs.model}", file=sys.stderr)
 

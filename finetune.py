@@ -58,7 +58,6 @@ import data
 import losses
 import models
 from data import UserError
-from sae import TopKSAE
 
 CHECKPOINT, TRAIN_LOG, PROBE_LOG, SUMMARY = ("checkpoint.pt", "train_log.jsonl", "probe.jsonl",
                                             "summary.json")
@@ -351,34 +350,17 @@ def load_sae(args):
     """(sae, config) from --sae, or (None, None); refuses an SAE of another model."""
     if not args.sae:
         return None, None
-    sae, cfg = TopKSAE.load(args.sae, args.device)
-    sae.eval().requires_grad_(False)
-    if "model" not in cfg:
+    sae, cfg = models.load_frozen_sae(args.sae, args.device)
+    same = models.sae_trained_on(cfg, args.model, args.pretrained, args.force_quick_gelu)
+    if same is None:
         print(f"warning: {args.sae} does not record the model it was trained on; make sure it "
               f"is {args.model}", file=sys.stderr)
-    elif model_key(cfg["model"], cfg.get("pretrained"), cfg.get("force_quick_gelu")) != \
-            model_key(args.model, args.pretrained, args.force_quick_gelu):
+    elif not same:
         raise UserError(f"the SAE in {args.sae} was trained on {cfg['model']} (pretrained "
                         f"{cfg.get('pretrained')}), but --model is {args.model} (pretrained "
                         f"{args.pretrained}): an SAE only describes the embeddings of its own "
                         "model; train one for this model with train_sae.py")
     return sae, cfg
-
-
-def model_key(name, pretrained, force_quick_gelu):
-    """What identifies a model's embeddings: name (case, '/', '-quickgelu' aside; local folders
-    resolved), weights and activation."""
-    if name.startswith(("local-dir:", "hf-hub:")):
-        pretrained = None  # open_clip ignores it for these
-    quick = models.needs_quick_gelu(name, pretrained, force_quick_gelu or None) \
-        or "-quickgelu" in name.lower()
-    if name.startswith("local-dir:"):
-        name = "local-dir:" + str(Path(name[len("local-dir:"):]).resolve())
-    else:
-        name = name.lower().replace("/", "-").removesuffix("-quickgelu")
-    if pretrained and os.path.isfile(pretrained):
-        pretrained = str(Path(pretrained).resolve())
-    return name, pretrained, quick
 
 
 @torch.no_grad()

@@ -59,7 +59,6 @@ import data
 import losses
 import models
 from data import UserError
-from sae import TopKSAE
 
 # ============================================================================================
 # Settings: the defaults of the command-line flags (shown by --help), then display constants
@@ -362,15 +361,7 @@ def resolve_classes(args, config, dataset):
     return names, templates
 
 
-def load_sae(path, device):
-    try:
-        sae, cfg = TopKSAE.load(path, device)
-    except FileNotFoundError as e:
-        raise UserError(str(e)) from None
-    return sae.eval().requires_grad_(False), cfg
-
-
-def check_widths(sae, sae_cfg, model, clip_width, run_width):
+def check_widths(sae, sae_cfg, model, pretrained, quick, clip_width, run_width):
     """The SAE must describe this zero-shot model, and the run must be fine-tuned from it."""
     if sae.d != clip_width:
         raise UserError(f"the SAE has width d={sae.d} but {model} embeddings have width "
@@ -378,7 +369,7 @@ def check_widths(sae, sae_cfg, model, clip_width, run_width):
     if run_width != clip_width:
         raise UserError(f"the run's embeddings have width {run_width}, {model}'s {clip_width}: "
                         "the run was not fine-tuned from this zero-shot model")
-    if sae_cfg.get("model") not in (None, model):
+    if models.sae_trained_on(sae_cfg, model, pretrained, quick) is False:
         print(f"warning: the SAE was trained on {sae_cfg['model']}, the zero-shot model is "
               f"{model}", file=sys.stderr)
 
@@ -646,7 +637,7 @@ def report(args):
     config = read_run(args.run)
     model_name, pretrained, quick = zero_shot_identity(args, config)
     probes = read_probes(args.run)[1] if (Path(args.run) / PROBE_LOG).is_file() else None
-    sae, sae_cfg = load_sae(args.sae, args.device)
+    sae, sae_cfg = models.load_frozen_sae(args.sae, args.device)
     # ---- data
     dataset = data.load_image_dataset(args.data, args.split, args.image_column,
                                       args.label_column, args.max_samples)
@@ -655,7 +646,8 @@ def report(args):
     clip, _, preprocess, tokenizer = models.load_clip(model_name, pretrained, args.device, quick)
     ft, _ = models.load_classifier(args.run, args.device)
     W = models.zero_shot_weights(clip, tokenizer, classnames, templates, args.device).cpu()
-    check_widths(sae, sae_cfg, model_name, W.shape[1], ft.head.in_features)
+    check_widths(sae, sae_cfg, model_name, pretrained, quick, W.shape[1],
+                 ft.head.in_features)
     # ---- embeddings of the same images by both models, and their SAE codes
     h0, labels = embed_images(clip, dataset, preprocess, args)                 # (N, d), (N,)
     h, _ = embed_images(ft, dataset, preprocess, args)

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import UserError, atomic_write
+from sae import TopKSAE
 
 WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
@@ -120,6 +121,42 @@ def model_identity(model_name, pretrained=None, force_quick_gelu=None):
         local.append(str(d / "open_clip_config.json"))
     ident["files"] = {f: [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in local}
     return ident
+
+
+def model_key(name, pretrained, force_quick_gelu):
+    """What identifies a model's embeddings: name (case, '/', '-quickgelu' aside; local folders
+    resolved), weights and activation."""
+    if name.startswith(("local-dir:", "hf-hub:")):
+        pretrained = None  # open_clip ignores it for these
+    quick = needs_quick_gelu(name, pretrained, force_quick_gelu or None) \
+        or "-quickgelu" in name.lower()
+    if name.startswith("local-dir:"):
+        name = "local-dir:" + str(Path(name[len("local-dir:"):]).resolve())
+    else:
+        name = name.lower().replace("/", "-").removesuffix("-quickgelu")
+    if pretrained and os.path.isfile(pretrained):
+        pretrained = str(Path(pretrained).resolve())
+    return name, pretrained, quick
+
+
+def sae_trained_on(sae_config, name, pretrained, force_quick_gelu):
+    """Whether an SAE's config (train_sae.py) names this model (by model_key); None when it
+    records no model."""
+    if "model" not in sae_config:
+        return None
+    return model_key(sae_config["model"], sae_config.get("pretrained"),
+                     sae_config.get("force_quick_gelu")) == \
+        model_key(name, pretrained, force_quick_gelu)
+
+
+def load_frozen_sae(path, device="cpu"):
+    """(sae, config) of a trained SAE folder, frozen (eval mode, no gradients); a missing folder
+    or file is a UserError."""
+    try:
+        sae, config = TopKSAE.load(path, device)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    return sae.eval().requires_grad_(False), config
 
 
 def model_config(model_name, quick_gelu, cache_dir=None):

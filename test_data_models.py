@@ -420,3 +420,33 @@ def test_wise_ft_on_classifiers(tiny_clip_dir):
     mid = models.wise_ft(s0, s1, 0.5)
     assert torch.allclose(mid["head.weight"], s0["head.weight"] + 0.5)
     clf0.load_state_dict(mid, strict=True)
+
+
+def test_sae_trained_on_compares_models_not_spellings(tmp_path, monkeypatch):
+    """The SAE-vs-model check that finetune, evaluate and interpret share: the same model
+    spelled differently matches, another model or tag does not, no record gives None."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip").mkdir()
+    cfg = {"model": "local-dir:clip", "pretrained": None, "force_quick_gelu": False}
+    assert models.sae_trained_on(cfg, f"local-dir:{tmp_path / 'clip'}", None, None) is True
+    assert models.sae_trained_on(cfg, "local-dir:other", None, None) is False
+    openai = {"model": "ViT-B-16", "pretrained": "openai", "force_quick_gelu": False}
+    assert models.sae_trained_on(openai, "ViT-B-16-quickgelu", "openai", None) is True
+    assert models.sae_trained_on(openai, "ViT-B-16", "laion2b_s34b_b88k", None) is False
+    assert models.sae_trained_on({}, "ViT-B-16", "openai", None) is None
+
+
+def test_read_names_file(tmp_path):
+    assert len(data.read_names_file("imagenet")) == 1000
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n\ndog\n")
+    assert data.read_names_file(str(names)) == ["cat", "dog"]
+    with pytest.raises(data.UserError, match="not found"):
+        data.read_names_file(str(tmp_path / "missing.txt"))
+
+
+def test_eval_set_local_folder_names():
+    folders = {name: s.folder for name, s in data.EVAL_SETS.items()}
+    assert folders["imagenet-v2"] == "imagenetv2-matched-frequency-format-val"
+    assert folders["objectnet"] == "objectnet-1.0/images"
+    assert all(s.local_layout.startswith(s.folder + "/") for s in data.EVAL_SETS.values())

@@ -70,6 +70,7 @@ import losses  # noqa: E402
 import models  # noqa: E402
 from finetune import check_finite  # noqa: E402  (the real loop's finiteness check)
 from sae import TopKSAE  # noqa: E402
+import train_sae  # noqa: E402  (the real SAE training step)
 
 # Vision towers built from open_clip configs with random weights. `small` is the CPU default: big
 # enough that framework overhead does not dominate (≈ 0.3 GFLOP/image forward), small enough for
@@ -503,26 +504,9 @@ def measure_memory(args, device):
 
 def sae_train_step(sae, opt, h_train, order, since_fired, dead_samples, lr, aux_k=256,
                    aux_coef=1 / 32, clip=1.0):
-    """train_sae.py's loop body, line for line (batch gather to atom renormalisation)."""
-    batch = h_train[order]
-    out = sae(batch)
-    fvu = losses.fvu(out.x, out.x_hat)
-    dead = since_fired >= dead_samples
-    aux_hat = losses.auxk_reconstruction(out.pre, dead, sae.W_dec, aux_k)
-    auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
-    loss = fvu + aux_coef * auxk
-    if not torch.isfinite(loss):
-        raise RuntimeError("non-finite SAE loss")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    sae.remove_parallel_grad()
-    torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
-    for group in opt.param_groups:
-        group["lr"] = lr
-    opt.step()
-    sae.normalise_atoms()
-    fired = (out.z > 0).any(0)
-    return torch.where(fired, 0, since_fired + len(batch))
+    """train_sae.py's loop body: the batch gather, then its sae_step itself."""
+    return train_sae.sae_step(sae, opt, h_train[order], since_fired, dead_samples, lr, 0, aux_k,
+                              aux_coef, clip)[0]
 
 
 def matmul_flops(B, d, n, device, reps):

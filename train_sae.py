@@ -105,6 +105,32 @@ def lr_at(step, base_lr, warmup):
     return base_lr * min(1.0, (step + 1) / max(1, warmup))
 
 
+def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, aux_coef=1 / 32,
+             clip=1.0):
+    """One SAE optimisation step on a batch of embeddings (B, d): loss = FVU + α_aux·AuxK over
+    the latents that have not fired for `dead_samples` samples (since_fired (n,)), then
+    remove-parallel-grad → clip → step → renormalise atoms. Returns (since_fired, fvu, auxk)."""
+    out = sae(batch)
+    fvu = losses.fvu(out.x, out.x_hat)
+    dead = since_fired >= dead_samples                                  # (n,) Gao et al. AuxK
+    aux_hat = losses.auxk_reconstruction(out.pre, dead, sae.W_dec, aux_k)
+    auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
+    loss = fvu + aux_coef * auxk
+    if not torch.isfinite(loss):
+        raise UserError(f"non-finite SAE loss at step {step} (fvu {fvu.item()}, auxk "
+                        f"{auxk.item()}); lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_grad()                                          # order: project → clip
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), clip)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()                                                          # → step → renormalise
+    sae.normalise_atoms()
+    fired = (out.z > 0).any(0)
+    return torch.where(fired, 0, since_fired + len(batch)), fvu, auxk
+
+
 @torch.no_grad()
 def held_out_report(sae, h, batch_size):
     """FVU, mean cos(x, x̃), L0 and dead fraction on held-out embeddings (METHOD §1)."""
@@ -153,25 +179,9 @@ def main(argv=None):
         order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
         for i in range(0, N, args.batch_size):
             batch = h_train[order[i:i + args.batch_size].to(args.device)]
-            out = sae(batch)
-            fvu = losses.fvu(out.x, out.x_hat)
-            dead = since_fired >= dead_samples                          # (n,) Gao et al. AuxK
-            aux_hat = losses.auxk_reconstruction(out.pre, dead, sae.W_dec, args.aux_k)
-            auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
-            loss = fvu + args.aux_coef * auxk
-            if not torch.isfinite(loss):
-                raise UserError(f"non-finite SAE loss at step {step} (fvu {fvu.item()}, auxk "
-                                f"{auxk.item()}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_grad()                                  # order: project → clip
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), args.clip_grad)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, base_lr, args.warmup_steps)
-            opt.step()                                                  # → step → renormalise
-            sae.normalise_atoms()
-            fired = (out.z > 0).any(0)
-            since_fired = torch.where(fired, 0, since_fired + len(batch))
+            since_fired, fvu, auxk = sae_step(sae, opt, batch, since_fired, dead_samples,
+                                              lr_at(step, base_lr, args.warmup_steps), step,
+                                              args.aux_k, args.aux_coef, args.clip_grad)
             step += 1
         dead_frac = (since_fired >= dead_samples).float().mean().item()
         print(f"epoch {epoch + 1:3d} | step {step:6d} | fvu {fvu.item():.4f} | auxk {auxk.item():.4f}"

@@ -328,18 +328,19 @@ def resolve_classes(args, dataset):
 def zero_shot_cache(f0, dataset, preprocess_val, args):
     """h0 (N, d) of every train image under the eval transform, computed once (--cache-zero-shot).
 
-    Valid only with --no-augment: the per-step frozen forward would see exactly these images."""
+    Valid only with --no-augment: the per-step frozen forward would see exactly these images.
+    The cache key is train_sae.py's, so the embeddings stage 1 cached for the SAE are reused."""
     fqg = args.force_quick_gelu or None
     key = data.embedding_cache_key(models.model_identity(args.model, args.pretrained, fqg),
                                    dataset, args.train_data, args.split, args.image_column,
-                                   args.label_column, args.max_samples, preprocess_val)
-    key["role"] = "finetune zero-shot targets"
+                                   args.label_column, args.max_samples, transform="eval")
 
     def compute():
         loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers)
-        (h0,), _ = data.extract_outputs(f0, loader, args.device, args.amp, desc="zero-shot h0")
-        return {"h0": h0}
-    return data.cached_embeddings(args.cache_dir, key, compute)["h0"]
+        (h0,), labels = data.extract_outputs(f0, loader, args.device, args.amp,
+                                             desc="zero-shot h0")
+        return {"h": h0, "labels": labels}
+    return data.cached_embeddings(args.cache_dir, key, compute)["h"]
 
 
 # ============================================================================================

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
 import finetune
 import models
 from sae import TopKSAE
@@ -204,3 +205,30 @@ def test_unknown_regulariser_is_rejected_by_the_parser(base, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         finetune.main([*base, "--reg", "l3", "--out", str(tmp_path)])
     assert e.value.code == 2 and "invalid choice: 'l3'" in capsys.readouterr().err
+
+
+def test_cache_zero_shot_reuses_the_embeddings_train_sae_cached(tiny_clip_dir, tiny_image_dataset,
+                                                                tmp_path):
+    """Stage 1 caches the zero-shot train embeddings; --cache-zero-shot reads that file instead
+    of embedding the split again, and its targets are those embeddings."""
+    import train_sae
+    from safetensors.torch import load_file
+    cache = tmp_path / "cache"
+    train_sae.main(["--model", f"local-dir:{tiny_clip_dir}", "--train-data",
+                    str(tiny_image_dataset), "--cache-dir", str(cache), "--expansion", "2",
+                    "--k", "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                    "--out", str(tmp_path / "sae")])
+    files = list(cache.glob("emb-*.safetensors"))
+    assert len(files) == 1
+    h_stage1 = load_file(files[0])["h"]
+    args = finetune.parse_args(["--model", f"local-dir:{tiny_clip_dir}", "--train-data",
+                                str(tiny_image_dataset), "--no-augment", "--cache-zero-shot",
+                                "--cache-dir", str(cache), "--device", "cpu", "--workers", "0",
+                                "--batch-size", "16", "--out", str(tmp_path / "run")])
+    clip, _, preprocess_val, _ = models.load_clip(args.model, device="cpu")
+    dataset = data.load_image_dataset(args.train_data)
+    calls = []
+    f0 = lambda x: calls.append(len(x)) or clip.visual(x)              # noqa: E731
+    h0 = finetune.zero_shot_cache(f0, dataset, preprocess_val, args)
+    assert calls == [] and list(cache.glob("emb-*.safetensors")) == files
+    torch.testing.assert_close(h0, h_stage1)

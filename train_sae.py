@@ -82,7 +82,8 @@ def parse_args(argv=None):
 def zero_shot_embeddings(args):
     """(h (N, d) float32, labels (N,)) of the train split under the eval transform, cached.
     The cache key names the model's weights and the dataset's files, so a different model or
-    dataset (or one rebuilt at the same path) is never read by mistake."""
+    dataset (or one rebuilt at the same path) is never read by mistake; finetune.py
+    --cache-zero-shot uses the same key, so it reuses these embeddings as its targets."""
     dataset = load_image_dataset(args.train_data, args.split, args.image_column,
                                  args.label_column, args.max_samples)
     identity = model_identity(args.model, args.pretrained, args.force_quick_gelu or None)

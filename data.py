@@ -311,6 +311,13 @@ def cached_embeddings(cache_dir, key, compute):
     return tensors
 
 
+def append_jsonl(path, record):
+    """Append one JSON line (a log record or an evaluation result) to `path`."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def atomic_write(path, write):
     """write(tmp_path) then os.replace: a crash leaves the old file or none, never half a file."""
     fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".tmp")

@@ -538,12 +538,6 @@ def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
     }
 
 
-def append_jsonl(path, record):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def read_jsonl(path):
     if not Path(path).is_file():
         raise UserError(f"results file not found: {path}")
@@ -786,7 +780,7 @@ def evaluate(args):
             metrics = {"top1": top1, "n_classes": n_classes,
                        **representation_metrics(h, h0[s.spec.name], sae, args.device)}
             rec = make_record(eval_id, spec, s, zs, args, sae_cfg, len(h), metrics)
-            append_jsonl(args.results, rec)
+            data.append_jsonl(args.results, rec)
             progress_line(rec, time.time() - t0)
             if spec.kind == "ft":                  # Rep. Avg. (§4): (h0 + h1) / 2
                 avg = ModelSpec("rep-avg", spec.run)
@@ -794,7 +788,7 @@ def evaluate(args):
                                                   sae, args.device)
                 rec = make_record(eval_id, avg, s, zs, args, sae_cfg, len(h),
                                   {"top1": None, "n_classes": None, **metrics})
-                append_jsonl(args.results, rec)
+                data.append_jsonl(args.results, rec)
     # ---- report, from the JSON lines just written
     mine = [r for r in read_jsonl(args.results) if r.get("eval_id") == eval_id]
     print(format_table(mine))

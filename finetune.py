@@ -242,11 +242,6 @@ def save_checkpoint(out, clf, opt, step, epoch, pos, args):
     data.atomic_write(Path(out) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def truncate_jsonl(path, last_step):
     """On resume: drop lines an interrupted run logged after its last checkpoint."""
     if Path(path).is_file():
@@ -505,7 +500,7 @@ def train(args):
           f"{args.reg}")
     scale_note(h0_probe, args)
     if sae is not None and step == 0:
-        append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
+        data.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
 
     # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
     batches, t_log, steps_since_log = None, time.time(), 0
@@ -557,11 +552,11 @@ def train(args):
                       "acc": 100 * correct.item() / (args.batch_size * args.accum_steps),
                       "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": ms}
             print(progress_line(record, list(step_terms)), flush=True)
-            append_jsonl(out / TRAIN_LOG, record)
+            data.append_jsonl(out / TRAIN_LOG, record)
             t_log, steps_since_log = time.time(), 0
         if sae is not None and ((args.probe_every and step % args.probe_every == 0)
                                 or step == stop):
-            append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
+            data.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
         if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
             save_checkpoint(out, clf, opt, step, epoch, pos, args)
 

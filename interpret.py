@@ -680,7 +680,7 @@ def report(args):
     record = {k: v for k, v in info.items() if k not in ("classnames", "per_class", "texts")}
     record.update(kind="interpret", report=str(out / REPORT), counts=ranking["counts"],
                   **{cat: ranking[cat] for cat in CATEGORIES})
-    append_jsonl(args.results, record)
+    data.append_jsonl(args.results, record)
     print_summary(info, ranking, out, args.results)
     return record
 
@@ -727,12 +727,6 @@ def grids(entry, cat, dataset, z0, z, labels, classnames, out, m, drawn):
             drawn.add(file)
         files[name] = file
     return files
-
-
-def append_jsonl(path, record):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def print_summary(info, ranking, out, results):

@@ -37,6 +37,9 @@ def test_train_sae_end_to_end_and_cache_reuse(tiny_clip_dir, tiny_image_dataset,
     r = run(*base_args(tiny_clip_dir, tiny_image_dataset, tmp_path, out="sae2"))  # cache hit
     assert r.returncode == 0, r.stderr
     assert [c.stat().st_mtime_ns for c in (tmp_path / "cache").glob("*.safetensors")] == [stamp]
+    again, _ = TopKSAE.load(tmp_path / "sae2")            # a cache hit trains the same SAE
+    for (name, p), q in zip(sae.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_sae_training_reduces_fvu(tiny_clip_dir, tiny_image_dataset, tmp_path):

@@ -148,7 +148,6 @@ def held_out_report(sae, h, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
 
     # ---- data: cached zero-shot embeddings, split into train / held-out
     h, _ = zero_shot_embeddings(args)                                   # (N, d)
@@ -164,6 +163,9 @@ def main(argv=None):
                         "--expansion")
 
     # ---- model: Top-k SAE initialised from data (b_dec = mean / geometric median, W_enc = W_decᵀ)
+    # Seeded here, not at start: on a cache miss, building the CLIP model draws from the global
+    # RNG, and the SAE must not depend on whether its embeddings were cached.
+    torch.manual_seed(args.seed)
     sae = TopKSAE(d, n, args.k).to(args.device)
     sae.init_from_data(h_train[:65536], args.init)
     base_lr = args.lr or 2e-4 / math.sqrt(n / 2 ** 14)                 # sparsify's lr rule

@@ -68,7 +68,7 @@ demo-run:
 	done
 	$(PY) interpret.py probes $(addprefix $(DEMO)/,$(METHODS)) --out $(DEMO)/probes.png
 	@echo; echo "== the comparison (top-1 %; CKA, FVU, feature preservation on the ID set vs zero-shot)"
-	@$(PY) evaluate.py plot $(DEMO)/results.jsonl --out $(DEMO)/wise_ft.png
+	@$(PY) report.py plot $(DEMO)/results.jsonl --out $(DEMO)/wise_ft.png
 	@echo "demo outputs in $(DEMO): results.jsonl, wise_ft.png, probes.png, report_*/report.md"
 
 .PHONY: install test demo demo-run

@@ -25,8 +25,8 @@ nothing at inference. This measures it, in ONE run on the same model and the sam
      DataLoader over generated JPEGs (decode + resize + crop in workers) and over pre-made
      tensors already on the device.
 
-The step is a faithful copy of finetune.py's inner loop with --accum-steps 1 (finetune.py has no
-reusable step function; `train_step` below says line by line what it mirrors). Targets (issue 6):
+The step is finetune.py's own `finetune_step` (--accum-steps 1); the breakdown times its phases
+through the step's `mark` hook. Targets:
 sae-preserve / l2 ≤ 1.05×, sae-preserve / none ≤ 1.40×, grad checkpointing peak ≤ 0.5× of
 without (ViT-B/16, batch 64, CUDA only), SAE training ≥ 50 % of the dense-matmul bound.
 
@@ -68,7 +68,9 @@ import torch.nn.functional as F  # noqa: E402
 import data  # noqa: E402
 import losses  # noqa: E402
 import models  # noqa: E402
-from finetune import check_finite  # noqa: E402  (the real loop's finiteness check)
+import runs  # noqa: E402
+from runs import UserError  # noqa: E402
+import finetune  # noqa: E402  (the real fine-tuning step)
 from sae import TopKSAE  # noqa: E402
 import train_sae  # noqa: E402  (the real SAE training step)
 
@@ -83,7 +85,8 @@ MODEL_CFGS = {
                                                "layers": 6, "head_width": 64}},
 }
 # The regulariser weights finetune.py uses by default (they do not change the cost).
-REG_WEIGHTS = {"lam": 1000.0, "mu": 1.0, "lam_l1": 1e-4, "lam_mask": 1.0, "lam_remove": 2e-3}
+REG_WEIGHTS = losses.WEIGHTS                        # finetune.py's defaults
+PHASES = ("forward", "frozen_forward", "loss", "backward", "optimiser")   # of one step
 # Issue 6's targets: (name, key into the ratios/derived numbers, threshold, "le"|"ge").
 TARGETS = [
     ("sae-preserve / l2 step", "sae-preserve/l2", 1.05, "le"),
@@ -97,15 +100,8 @@ TARGETS = [
 # Settings
 # ============================================================================================
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows defaults, except the device-dependent ones (None here), which say their own."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=runs.HelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--model", default="small", help=f"vision tower: {' / '.join(MODEL_CFGS)} "
                    "(built in here) or an open_clip name such as ViT-B-16 (random weights)")
@@ -121,7 +117,7 @@ def parse_args(argv=None):
                    "cached zero-shot targets (no frozen forward); '' to skip")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast "
-                   "of the timed steps; auto = as finetune.py (CUDA only, CPU stays fp32)")
+                   "of the timed steps, as finetune.py: on CUDA only (CPU stays fp32); off = fp32")
     p.add_argument("--mem-batch-size", type=int, default=None, help="batch of the memory "
                    "comparison (default: 64 on CUDA, --batch-size on CPU)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory probe")
@@ -169,7 +165,7 @@ def resolve_defaults(args):
     args.regs = [r for r in args.regs.split(",") if r and r != "none"]
     unknown = [r for r in args.regs + [args.cached_reg] if r and r not in losses.REGULARISERS]
     if unknown:
-        raise SystemExit(f"error: unknown regulariser(s) {unknown}; choose from "
+        raise UserError(f"unknown regulariser(s) {unknown}; choose from "
                          f"{', '.join(losses.REGULARISERS)}")
     return args
 
@@ -253,7 +249,7 @@ def model_cfg(name):
     import open_clip
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise SystemExit(f"error: unknown model {name!r}: use {' / '.join(MODEL_CFGS)} or an "
+        raise UserError(f"unknown model {name!r}: use {' / '.join(MODEL_CFGS)} or an "
                          "open_clip name (python -c 'import open_clip; "
                          "print(open_clip.list_models())')")
     return cfg
@@ -289,60 +285,29 @@ def make_batch(name, batch_size, num_classes, device, seed):
 
 
 # ============================================================================================
-# The fine-tuning step: finetune.py's inner loop with --accum-steps 1, in four pieces so the
-# breakdown times the same code the headline step runs.
+# The fine-tuning step: finetune.finetune_step itself, with --accum-steps 1
 # ============================================================================================
 
-def forward(ctx, x):
-    """finetune.py: `with torch.autocast(...): logits, h = clf(x)`."""
-    with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp):
-        return ctx.clf(x)                                                # (B, C), (B, d)
+def step_settings(reg, amp):
+    """The finetune.py settings its step reads: --accum-steps 1, no label smoothing, clip 1.0."""
+    return SimpleNamespace(reg=reg, amp=amp, accum_steps=1, label_smoothing=0.0, clip_grad=1.0,
+                           **REG_WEIGHTS)
 
 
-def frozen_forward(ctx, x):
-    """finetune.py: `with torch.no_grad(): h0 = f0(x)`, inside the same autocast."""
-    with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp), torch.no_grad():
-        return ctx.f0(x)                                                 # (B, d)
-
-
-def loss_terms(ctx, logits, h, h0, y, reg):
-    """finetune.py: CE on fp32 logits + losses.regulariser(...) → (loss, terms)."""
-    ce = F.cross_entropy(logits.float(), y)
-    terms = losses.regulariser(reg, h, h0, ctx.sae, **REG_WEIGHTS)        # λ·R in "reg"
-    return ce + terms["reg"], {"ce": ce, **terms}
-
-
-def update(ctx, loss, terms, logits, y):
-    """finetune.py after the loss: `loss.backward()`, then finish()."""
-    loss.backward()
-    finish(ctx, terms, logits, y)
-
-
-def finish(ctx, terms, logits, y):
-    """finetune.py after the backward: the logged sums and accuracy count, the finiteness
-    checks (two host syncs per step: .item()), grad clip 1.0, AdamW step, zero_grad."""
-    sums = {k: v.detach().float() for k, v in terms.items()}
-    correct = (logits.argmax(-1) == y).sum()                              # noqa: F841
-    check_finite({k: v.item() for k, v in sums.items()}, 1)
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.clf.parameters(), 1.0)
-    check_finite({"grad-norm": grad_norm.item()}, 1)
-    ctx.opt.step()
-    ctx.opt.zero_grad(set_to_none=True)
-
-
-def train_step(ctx, x, y, reg, mode):
-    """One optimiser step. mode: "frozen" (h0 = f0(x) every step, finetune.py's default),
+def train_step(ctx, x, y, reg, mode, mark=None):
+    """One finetune.finetune_step. mode: "frozen" (h0 = f0(x) every step, finetune.py's default),
     "cached" (h0 read from a precomputed CPU table, finetune.py --cache-zero-shot) or "skip"
-    (no frozen forward, h0 = h: finetune.py's --reg none)."""
-    logits, h = forward(ctx, x)
-    if mode == "frozen":
-        h0 = frozen_forward(ctx, x)
-    elif mode == "cached":
-        h0 = ctx.h0_cache[ctx.idx].to(ctx.device)                         # as finetune.py
-    else:
-        h0 = h  # as finetune.py for --reg none: R = 0 whatever h0 is
-    loss, terms = loss_terms(ctx, logits, h, h0, y, reg)
-    update(ctx, loss, terms, logits, y)
+    (no frozen forward: finetune.py's --reg none)."""
+    finetune.finetune_step(ctx.clf, ctx.f0 if mode == "frozen" else None, ctx.sae, ctx.opt,
+                           [(x, y, ctx.idx)], step_settings(reg, ctx.amp),
+                           ctx.h0_cache if mode == "cached" else None, mark)
+
+
+@torch.no_grad()
+def embed_pair(ctx, x):
+    """(h, h0) (B, d) float32 of the fixed batch: the trained tower and the frozen copy."""
+    with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp):
+        return ctx.clf(x)[1].float(), ctx.f0(x).float()
 
 
 def variants(args):
@@ -373,30 +338,25 @@ def time_steps(ctx, x, y, args):
 # ============================================================================================
 
 def breakdown(ctx, x, y, args, reg="sae-preserve"):
-    """Median ms of each phase of the step (synchronised between phases), plus the SAE encode
-    of both sides (forward only, as the regulariser runs it) timed alone on the step's h, h0."""
-    phases = {k: [] for k in ("forward", "frozen_forward", "loss", "backward", "optimiser",
-                              "sae_encode_both")}
+    """Median ms of each phase of the step, timed through finetune_step's `mark` hook (the
+    device is synchronised at each mark), plus the SAE encode of both sides (forward only, as
+    the regulariser runs it) timed alone on the batch's h (with its graph) and h0."""
+    names = {"zero_shot_target": "frozen_forward"}         # the hook's phase → this table's
+    phases = {k: [] for k in PHASES}
     for r in range(args.warmup + args.steps):
-        t = [clock(ctx.device)]
-        logits, h = forward(ctx, x)
-        t.append(clock(ctx.device))
-        h0 = frozen_forward(ctx, x)
-        t.append(clock(ctx.device))
-        loss, terms = loss_terms(ctx, logits, h, h0, y, reg)
-        t.append(clock(ctx.device))
-        enc, _ = timed(lambda: encode_both(ctx.sae, h, h0), ctx.device)  # outside the phases
-        t_bwd, _ = timed(loss.backward, ctx.device)
-        t_opt, _ = timed(lambda: finish(ctx, terms, logits, y), ctx.device)
+        marks = [("start", clock(ctx.device))]
+        train_step(ctx, x, y, reg, "frozen",
+                   mark=lambda phase: marks.append((phase, clock(ctx.device))))
         if r >= args.warmup:
-            for k, dt in zip(("forward", "frozen_forward", "loss"), np.diff(t)):
-                phases[k].append(dt)
-            phases["backward"].append(t_bwd)
-            phases["optimiser"].append(t_opt)
-            phases["sae_encode_both"].append(enc)
+            for (_, t0), (phase, t1) in zip(marks, marks[1:]):
+                phases[names.get(phase, phase)].append(t1 - t0)
     out = {k: stats_ms(v)["median"] for k, v in phases.items()}
-    out["total"] = sum(out[k] for k in ("forward", "frozen_forward", "loss", "backward",
-                                        "optimiser"))
+    out["total"] = sum(out.values())
+    with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp):
+        h = ctx.clf(x)[1]                                         # with its graph, as in a step
+    h0 = embed_pair(ctx, x)[1]
+    out["sae_encode_both"] = 1e3 * median_time(lambda: encode_both(ctx.sae, h, h0), ctx.device,
+                                               max(3, args.steps))
     return out
 
 
@@ -448,7 +408,8 @@ def memory_probe(s):
     clf, f0, sae, opt = build(s["model"], s["num_classes"], device, s["seed"], s["expansion"],
                               s["k"], s["ckpt"])
     x, y = make_batch(s["model"], s["batch_size"], s["num_classes"], device, s["seed"])
-    ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=s["bf16"])
+    ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=s["bf16"],
+                          idx=torch.arange(len(y)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         static = torch.cuda.memory_allocated(device)
@@ -480,7 +441,8 @@ def peak_rss():
 
 def measure_memory(args, device):
     """{config: probe result} for fp32 / bf16 (where native) × without / with grad ckpt."""
-    dtypes = ["fp32"] + (["bf16"] if bf16_supported(device) else [])
+    # finetune.py autocasts to bf16 on CUDA only, so that is the only bf16 its step can run
+    dtypes = ["fp32"] + (["bf16"] if device.type == "cuda" and bf16_supported(device) else [])
     results = {}
     for dtype in dtypes:
         for ckpt in (False, True):
@@ -737,17 +699,21 @@ def markdown_sae(sae):
 # ============================================================================================
 
 def main(argv=None):
+    return runs.cli(bench, argv)
+
+
+def bench(argv):
     args = resolve_defaults(parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but torch sees no GPU")
+        raise UserError("--device cuda but torch sees no GPU")
     if args.clock == "cpu":
         if device.type != "cpu":
-            raise SystemExit("error: --clock cpu measures CPU time: use it with --device cpu")
+            raise UserError("--clock cpu measures CPU time: use it with --device cpu")
         NOW["fn"] = time.process_time
-    amp = {"on": True, "off": False, "auto": device.type == "cuda"}[args.amp]
+    amp = args.amp != "off" and device.type == "cuda"      # as finetune.py: bf16 on CUDA only
     res = {"machine": machine_info(device), "command": "python " + " ".join(sys.argv),
            "settings": {**{k: v for k, v in vars(args).items()}, "amp": amp}}
     t_start = time.time()
@@ -758,9 +724,9 @@ def main(argv=None):
                               args.k)
     x, y = make_batch(args.model, args.batch_size, args.num_classes, device, args.seed)
     idx = torch.arange(args.batch_size)
-    h0_cache = frozen_forward(SimpleNamespace(f0=f0, device=device, amp=amp), x).float().cpu()
     ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=amp,
-                          h0_cache=h0_cache, idx=idx)
+                          h0_cache=None, idx=idx)
+    ctx.h0_cache = embed_pair(ctx, x)[1].cpu()
     print(f"bench: {args.model} batch {args.batch_size} on {device} "
           f"({torch.get_num_threads()} threads), {len(variants(args))} variants × "
           f"{args.warmup}+{args.steps} steps", file=sys.stderr, flush=True)
@@ -768,8 +734,7 @@ def main(argv=None):
     res["ratios"] = ratios(res["step_ms"], args.cached_reg)
     res["ratios_min"] = ratios(res["step_ms"], args.cached_reg, "min")
     res["breakdown_ms"] = breakdown(ctx, x, y, args)
-    with torch.no_grad():
-        h, h0 = forward(ctx, x)[1].float(), frozen_forward(ctx, x).float()
+    h, h0 = embed_pair(ctx, x)
     res["regulariser_alone_ms"] = regulariser_alone(ctx, h, h0, args)
     res["floor"] = floor(res["breakdown_ms"], res["regulariser_alone_ms"],
                          res["ratios"].get("sae-preserve/none"))

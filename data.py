@@ -5,7 +5,7 @@ image folder with one sub-folder per class, or a Hugging Face hub id) and gets b
 `datasets.Dataset` with exactly two columns, `image` (PIL) and `label` (int), already checked:
 the split and columns exist, it is not empty, the labels are integers.
 
-The six ImageNet test sets of the paper (§4; METHOD.md §4) are defined once, in `EVAL_SETS`,
+The six ImageNet test sets of the paper (§4) are defined once, in `EVAL_SETS`,
 with their source, their label space and how they are scored; `score_logits` turns 1000-way
 ImageNet logits into logits over a set's own classes (200-class masks for ImageNet-R/-A, max
 pooling for ObjectNet). `load_eval_set` loads one and puts its labels into that label space,
@@ -15,21 +15,21 @@ not ImageNet classes).
 Bad user input raises `UserError("what is wrong; how to fix")`; each CLI prints `error: <msg>`
 and exits 1.
 """
+import contextlib
 import hashlib
 import json
 import os
+import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 
-class UserError(Exception):
-    """Bad user input (a missing file, a wrong column, an unavailable model…). CLIs catch it,
-    print `error: <message>` and exit with status 1 — never a traceback."""
+from runs import UserError, atomic_write  # noqa: F401  (UserError: every stage imports it here)
 
 
 # ============================================================================================
@@ -241,11 +241,64 @@ def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0
         persistent_workers=workers > 0, drop_last=drop_last)
 
 
+# --------------------------------------------------------------------------------------------
+# The order of a training epoch is a pure function of (seed, epoch): exact resume
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Run a block with torch's CPU RNG and Python's `random` seeded, then restore both."""
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+
+
+class SeededImages(torch.utils.data.Dataset):
+    """dataset[(i, seed)] -> (transform(image_i), label_i, i), its random crop drawn from `seed`.
+
+    Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
+    scheduling or where a resumed run restarted — which is what makes resuming exact."""
+
+    def __init__(self, dataset, transform):
+        self.images = TorchImageDataset(dataset, transform)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        i, seed = key
+        with seeded(seed):
+            image, label = self.images[i]
+        return image, label, i
+
+
+def epoch_order(seed, epoch, n):
+    """(perm (n,), crop seeds (n,)): the shuffled order and each image's augmentation seed."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch])
+                                          .generate_state(1, np.uint64)[0]))
+    return torch.randperm(n, generator=g), torch.randint(0, 2 ** 62, (n,), generator=g)
+
+
+def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_memory=False):
+    """Micro-batches `first`..`count`-1 of epoch `epoch` of a SeededImages (a resumed run skips
+    the ones it has seen): (images (B, 3, H, W), labels (B,), indices (B,))."""
+    perm, seeds = epoch_order(seed, epoch, len(images))
+    seeds = seeds.tolist()
+    keys = [(i, seeds[i]) for i in perm[first * batch_size:count * batch_size].tolist()]
+    return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
+                                       num_workers=workers, pin_memory=pin_memory)
+
+
 def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
 
     Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
-    bf16 autocast only on CUDA (METHOD §3: one GPU, bf16); CPU runs stay fp32.
+    bf16 autocast only on CUDA (one GPU, bf16); CPU runs stay fp32.
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
@@ -311,25 +364,6 @@ def cached_embeddings(cache_dir, key, compute):
     return tensors
 
 
-def append_jsonl(path, record):
-    """Append one JSON line (a log record or an evaluation result) to `path`."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def atomic_write(path, write):
-    """write(tmp_path) then os.replace: a crash leaves the old file or none, never half a file."""
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=Path(path).name + ".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,
                         max_samples, transform):
     """The cache key for embeddings of `dataset` (a load_image_dataset result).
@@ -343,7 +377,7 @@ def embedding_cache_key(model_identity, dataset, source, split, image_column, la
 
 
 # ============================================================================================
-# The ImageNet test sets (§4; METHOD.md §4)
+# The ImageNet test sets (§4)
 # ============================================================================================
 # Label spaces. Each eval set has C classes; class c pools (max) over the ImageNet logit
 # columns CLASS_MAP[c]. Labels are positions in that list.

@@ -1,11 +1,11 @@
 """Stage 3 — evaluate zero-shot, fine-tuned and WiSE-FT CLIP models: accuracy under distribution
-shift and representation drift against the zero-shot model (§4, §6.3; METHOD.md §3–§4).
+shift and representation drift against the zero-shot model (§4, §6).
 
 Models (rows of the table; θ0 = the zero-shot classifier, θ1 = a fine-tuned run):
     zero-shot   θ0: the CLIP image tower + zero-shot head (class names × templates, §3)
     FT          θ1: each --runs folder (finetune.py output: model.safetensors + config.json)
     WiSE-FT α   θ_α = (1 − α)·θ0 + α·θ1 over every parameter, head included (Wortsman et al.
-                2022; METHOD §3); --wise-alphas 0.5 (default) or `sweep` = 0, 0.1, …, 1
+                2022); --wise-alphas 0.5 (default) or `sweep` = 0, 0.1, …, 1
     Rep. Avg.   the averaged embeddings (h0 + h1)/2 (§4); representation metrics only
 
 For each (model, eval set) the images are embedded once, h = f(img) (N, d), and both the accuracy
@@ -55,15 +55,15 @@ templates come from the runs' config.json):
                cifar100=uoft-cs/cifar100:test:img:fine_label \
         --results runs/vitb16/results.jsonl --plot runs/vitb16/wise_ft.png
 
-The figure (and the table) again from the JSON lines alone, no model needed:
-    python evaluate.py plot runs/vitb16/results.jsonl --out wise_ft.png
+The figure (and the table) again from the JSON lines alone, no model needed (report.py;
+`evaluate.py plot|seeds` run the same commands):
+    python report.py plot runs/vitb16/results.jsonl --out wise_ft.png
 Mean ± std over seeds (one results file per fine-tuning seed; rows pooled by method and α):
-    python evaluate.py seeds runs/toy/seed0/results.jsonl runs/toy/seed1/results.jsonl ...
+    python report.py seeds runs/toy/seed0/results.jsonl runs/toy/seed1/results.jsonl ...
 
 Quick look: add --max-samples 2000 (a fixed random subset of every set).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -76,31 +76,23 @@ import torch.nn.functional as F
 import data
 import losses
 import models
+import report
+import runs as runs_io
 from data import UserError
 
-SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (METHOD §3)
+SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (WiSE-FT's α sweep)
 
 
 # ============================================================================================
 # Settings
 # ============================================================================================
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a flag's default unless its help already says it or there is none."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, []) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-def get_args(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-        epilog="Plot only: python evaluate.py plot RESULTS.jsonl --out FIG.png "
-               "(the ID-vs-OOD figure and the table from the JSON lines). Mean ± std over "
-               "seeds: python evaluate.py seeds SEED0.jsonl SEED1.jsonl ... Module docstring: "
-               "the commands for the tiny CPU run and the ImageNet evaluation.")
+        description=__doc__.split("\n\n")[0], formatter_class=runs_io.HelpFormatter,
+        epilog="Tables and figures from the JSON lines alone: python report.py --help. "
+               "Module docstring: the commands for the tiny CPU run and the ImageNet "
+               "evaluation.")
     g = p.add_argument_group("models")
     g.add_argument("--runs", nargs="*", default=[], metavar="DIR",
                    help="fine-tuned run folders (finetune.py --out: model.safetensors + "
@@ -215,44 +207,135 @@ def parse_sets(args):
     return specs
 
 
-@dataclass
-class Run:
-    """A fine-tuned run folder and what its config.json says about it."""
-    path: str
-    name: str
-    method: str
-    config: dict
+# ============================================================================================
+# The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
+# ============================================================================================
+
+def embed(clf, s, preprocess, args):
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform."""
+    transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
+    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
+    (h,), labels = data.extract_outputs(clf.encode, loader, args.device, amp=True,
+                                        desc=s.spec.name)
+    return h, labels
 
 
-def read_run(path):
-    """Check a run folder and read its config (the weights are loaded when it is evaluated)."""
-    d = Path(path)
-    if not d.is_dir():
-        raise UserError(f"run folder not found: {path} (pass a folder finetune.py wrote)")
-    missing = [f for f in (models.WEIGHT_FILE, models.CONFIG_FILE) if not (d / f).is_file()]
-    if missing:
-        raise UserError(f"run folder {path} lacks {missing}: pass a folder finetune.py wrote")
-    try:
-        config = json.loads((d / models.CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d / models.CONFIG_FILE} is not valid JSON: {e}") from e
-    lacking = [k for k in ("model_name", "classnames", "templates", "model_cfg") if k not in config]
-    if lacking:
-        raise UserError(f"{d / models.CONFIG_FILE} lacks {lacking}: not a models.save_classifier "
-                        "config")
-    if config.get("finished") is False:
-        print(f"warning: run {path} did not finish its schedule ({config.get('steps')}/"
-              f"{config.get('total_steps')} steps)", file=sys.stderr)
-    return Run(str(path), d.name, run_method(config), config)
+@torch.no_grad()
+def accuracy(clf, h, labels, s, device):
+    """Top-1 (%) and the number of classes scored. Logits = head(h/||h||) (B, C); ImageNet test
+    sets go through data.score_logits (200-class subsets, ObjectNet max-pooling)."""
+    x = F.normalize(h, dim=-1)
+    if s.head is not None:                                   # transfer: the set's own head
+        logits = x @ s.head.T
+    else:
+        logits = clf.head(x.to(device)).float().cpu()        # (N, C)
+        if s.spec.builtin:
+            logits = data.score_logits(logits, s.spec.name)  # (N, C_set)
+    top1 = (logits.argmax(-1) == labels).double().mean().item() * 100
+    return top1, logits.shape[-1]
 
 
-def run_method(config):
-    """The run's regulariser (METHOD §2: none, l2, …, sae-preserve) from its config.json
-    (finetune.py writes it under "regulariser" and "args")."""
-    found = [c.get("reg") for c in (config.get("regulariser"), config.get("args"), config)
-             if isinstance(c, dict) and c.get("reg")]
-    return str(found[0]) if found else "unknown"
+def model_state(spec, zs_state, ft_state):
+    """The weights of one model: θ0, θ1, or θ_α = (1 − α)θ0 + αθ1 (WiSE-FT)."""
+    if spec.kind == "zero-shot":
+        return zs_state
+    if spec.kind == "ft":
+        return ft_state
+    return models.wise_ft(zs_state, ft_state, spec.alpha)
 
+
+@torch.no_grad()
+def representation_metrics(h, h0, sae, device, chunk=8192):
+    """§4 drift against zero-shot on the same images: CKA, and through the frozen zero-shot SAE
+    FVU, feature preservation, L0, entropy, dead features. h, h0 (N, d) raw embeddings."""
+    out = {"cka": losses.linear_cka(F.normalize(h0, dim=-1), F.normalize(h, dim=-1)).item()}
+    if sae is None:
+        return out
+    x, x_hat, mass = [], [], torch.zeros(sae.n, dtype=torch.float64)
+    shared = active = 0.0
+    for i in range(0, len(h), chunk):            # chunks: (N, n) codes need not fit at once
+        o = sae(h[i:i + chunk].to(device))       # x, z, x_hat in the SAE's unit-norm space
+        z0 = sae.encode(h0[i:i + chunk].to(device))
+        x.append(o.x.cpu())
+        x_hat.append(o.x_hat.cpu())
+        mass += o.z.double().sum(0).cpu()        # (n,) activation mass per feature
+        shared += losses.feature_overlap(o.z, z0, sae.k).item() * len(z0)
+        active += (o.z > 0).sum().item()
+    n = len(h)
+    # feature_entropy / dead_features reduce over samples first, so the summed mass (1, n)
+    # gives the same values as the full (N, n) codes.
+    H, H_norm = losses.feature_entropy(mass[None])
+    dead = losses.dead_features(mass[None])
+    out.update(fvu=losses.fvu(torch.cat(x).double(), torch.cat(x_hat).double()).item(),
+               overlap=shared / n, l0=active / n, entropy=H.item(), entropy_norm=H_norm.item(),
+               dead=dead, dead_frac=dead / sae.n)
+    return out
+
+
+# ============================================================================================
+# The loop: every (model, eval set), one JSON line each
+# ============================================================================================
+
+def evaluate(args):
+    # ---- settings (fail fast, before any model or image is loaded)
+    alphas = parse_alphas(args.wise_alphas)
+    specs = parse_sets(args)
+    if args.plot and not any(s.role == "ood" for s in specs):
+        raise UserError("--plot needs at least one OOD set (a set in --sets besides --id-set)")
+    runs = [runs_io.read_run(d) for d in args.runs]
+    unknown = ({Path(d).resolve() for d in args.wise_runs or []}
+               - {Path(d).resolve() for d in args.runs})
+    if unknown:
+        raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
+                        "them there too")
+    zs = zero_shot_settings(args, runs)
+    sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, zs.model, zs.pretrained,
+                                           zs.quick_gelu) if args.sae else (None, {}))
+    # ---- data
+    sets = [load_set(s, args) for s in specs]
+    resolve_head(zs, args, runs, sets)
+    check_labels(sets, len(zs.classnames))
+    # ---- model
+    zs_clf, preprocess = build_zero_shot(zs, sets, args)
+    check_sae(sae, zs, zs_clf.head.in_features)
+    zs_state, work = cpu_state(zs_clf), zs_clf   # one network, loaded with each model's weights
+    # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
+    eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    h0, ft_state = {}, None
+    for spec in model_plan(runs, alphas, args.wise_runs):
+        if spec.kind == "ft":
+            ft_state = load_run_state(spec.run, zs_state)
+        work.load_state_dict(model_state(spec, zs_state, ft_state))
+        work.eval()
+        for s in sets:
+            t0 = time.time()
+            h, labels = embed(work, s, preprocess, args)
+            h0.setdefault(s.spec.name, h)          # the zero-shot model comes first
+            top1, n_classes = accuracy(work, h, labels, s, args.device)
+            metrics = {"top1": top1, "n_classes": n_classes,
+                       **representation_metrics(h, h0[s.spec.name], sae, args.device)}
+            rec = make_record(eval_id, spec, s, zs, args, sae_cfg, len(h), metrics)
+            runs_io.append_jsonl(args.results, rec)
+            progress_line(rec, time.time() - t0)
+            if spec.kind == "ft":                  # Rep. Avg. (§4): (h0 + h1) / 2
+                avg = ModelSpec("rep-avg", spec.run)
+                metrics = representation_metrics((h0[s.spec.name] + h) / 2, h0[s.spec.name],
+                                                  sae, args.device)
+                rec = make_record(eval_id, avg, s, zs, args, sae_cfg, len(h),
+                                  {"top1": None, "n_classes": None, **metrics})
+                runs_io.append_jsonl(args.results, rec)
+    # ---- report, from the JSON lines just written
+    mine = [r for r in runs_io.read_jsonl(args.results) if r.get("eval_id") == eval_id]
+    print(report.format_table(mine))
+    print(f"appended {len(mine)} lines to {args.results}")
+    if args.plot:
+        report.plot(mine, args.plot)
+        print(f"wrote {args.plot}")
+
+
+# ============================================================================================
+# Setup: the zero-shot model θ0, the eval sets, the models to evaluate
+# ============================================================================================
 
 @dataclass
 class ZeroShot:
@@ -314,10 +397,6 @@ def resolve_head(zs, args, runs, sets):
         zs.templates = models.load_templates(zs.templates_name)
 
 
-# ============================================================================================
-# Data
-# ============================================================================================
-
 @dataclass
 class EvalData:
     spec: SetSpec
@@ -371,10 +450,6 @@ def check_labels(sets, num_classes):
                                 f"{num_classes}-class head: {e}") from None
 
 
-# ============================================================================================
-# Models
-# ============================================================================================
-
 def build_zero_shot(zs, sets, args):
     """θ0 as an ImageClassifier, its eval transform, and the transfer sets' heads (from the
     zero-shot text tower, which is then dropped)."""
@@ -392,25 +467,17 @@ def build_zero_shot(zs, sets, args):
     return clf, preprocess
 
 
-def load_sae(path, device):
-    return (None, {}) if path is None else models.load_frozen_sae(path, device)
-
-
-def check_sae(sae, sae_cfg, zs, width):
-    if sae is None:
-        return
-    if sae.d != width:
+def check_sae(sae, zs, width):
+    """The SAE must have the zero-shot model's width (its model was checked when loading)."""
+    if sae is not None and sae.d != width:
         raise UserError(f"the SAE has width d={sae.d} but {zs.model} embeddings have width "
                         f"{width}: train the SAE on this model's embeddings (train_sae.py)")
-    if models.sae_trained_on(sae_cfg, zs.model, zs.pretrained, zs.quick_gelu) is False:
-        print(f"warning: the SAE was trained on {sae_cfg.get('model')}, the zero-shot model is "
-              f"{zs.model}", file=sys.stderr)
 
 
 @dataclass
 class ModelSpec:
     kind: str                # "zero-shot" | "ft" | "wise-ft" | "rep-avg"
-    run: Run | None = None
+    run: runs_io.Run | None = None
     alpha: float | None = None
 
     @property
@@ -453,75 +520,6 @@ def load_run_state(run, zs_state):
     return state
 
 
-def model_state(spec, zs_state, ft_state):
-    """The weights of one model: θ0, θ1, or θ_α = (1 − α)θ0 + αθ1 (WiSE-FT, METHOD §3)."""
-    if spec.kind == "zero-shot":
-        return zs_state
-    if spec.kind == "ft":
-        return ft_state
-    return models.wise_ft(zs_state, ft_state, spec.alpha)
-
-
-# ============================================================================================
-# Evaluation of one (model, eval set)
-# ============================================================================================
-
-def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform."""
-    transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
-    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
-    (h,), labels = data.extract_outputs(clf.encode, loader, args.device, amp=True,
-                                        desc=s.spec.name)
-    return h, labels
-
-
-@torch.no_grad()
-def accuracy(clf, h, labels, s, device):
-    """Top-1 (%) and the number of classes scored. Logits = head(h/||h||) (B, C); ImageNet test
-    sets go through data.score_logits (200-class subsets, ObjectNet max-pooling)."""
-    x = F.normalize(h, dim=-1)
-    if s.head is not None:                                   # transfer: the set's own head
-        logits = x @ s.head.T
-    else:
-        logits = clf.head(x.to(device)).float().cpu()        # (N, C)
-        if s.spec.builtin:
-            logits = data.score_logits(logits, s.spec.name)  # (N, C_set)
-    top1 = (logits.argmax(-1) == labels).double().mean().item() * 100
-    return top1, logits.shape[-1]
-
-
-@torch.no_grad()
-def representation_metrics(h, h0, sae, device, chunk=8192):
-    """§4 drift against zero-shot on the same images: CKA, and through the frozen zero-shot SAE
-    FVU, feature preservation, L0, entropy, dead features. h, h0 (N, d) raw embeddings."""
-    out = {"cka": losses.linear_cka(F.normalize(h0, dim=-1), F.normalize(h, dim=-1)).item()}
-    if sae is None:
-        return out
-    x, x_hat, mass = [], [], torch.zeros(sae.n, dtype=torch.float64)
-    shared = active = 0.0
-    for i in range(0, len(h), chunk):            # chunks: (N, n) codes need not fit at once
-        o = sae(h[i:i + chunk].to(device))       # x, z, x_hat in the SAE's unit-norm space
-        z0 = sae.encode(h0[i:i + chunk].to(device))
-        x.append(o.x.cpu())
-        x_hat.append(o.x_hat.cpu())
-        mass += o.z.double().sum(0).cpu()        # (n,) activation mass per feature
-        shared += losses.feature_overlap(o.z, z0, sae.k).item() * len(z0)
-        active += (o.z > 0).sum().item()
-    n = len(h)
-    # feature_entropy / dead_features reduce over samples first, so the summed mass (1, n)
-    # gives the same values as the full (N, n) codes.
-    H, H_norm = losses.feature_entropy(mass[None])
-    dead = losses.dead_features(mass[None])
-    out.update(fvu=losses.fvu(torch.cat(x).double(), torch.cat(x_hat).double()).item(),
-               overlap=shared / n, l0=active / n, entropy=H.item(), entropy_norm=H_norm.item(),
-               dead=dead, dead_frac=dead / sae.n)
-    return out
-
-
-# ============================================================================================
-# Save: one JSON line per (model, eval set)
-# ============================================================================================
-
 def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
     run = spec.run
     return {
@@ -538,16 +536,6 @@ def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
     }
 
 
-def read_jsonl(path):
-    if not Path(path).is_file():
-        raise UserError(f"results file not found: {path}")
-    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
-    try:
-        return [json.loads(ln) for ln in lines]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} holds a line that is not JSON: {e}") from None
-
-
 def progress_line(record, seconds):
     fmt = {"top1": "{:5.1f}", "cka": "{:.3f}", "fvu": "{:.3f}", "overlap": "{:.3f}"}
     fields = [f"{k} {fmt[k].format(record[k])}" for k in fmt if record.get(k) is not None]
@@ -555,260 +543,13 @@ def progress_line(record, seconds):
           + " | ".join(fields) + f" | {seconds:.1f} s", flush=True)
 
 
-# ============================================================================================
-# Report: the table and the ID-vs-OOD figure, both from JSON lines
-# ============================================================================================
-
-def model_key(r):
-    return (r["clip_model"], r["pretrained"], r["kind"], r["run"], r["alpha"])
-
-
-def latest(records):
-    """Last record per (model, dataset): re-running an evaluation replaces its old lines."""
-    out = {}
-    for r in records:
-        out[model_key(r) + (r["dataset"],)] = r
-    return list(out.values())
-
-
-def by_model(records):
-    """{model key: {dataset: record}}, models in order of first appearance."""
-    table = {}
-    for r in latest(records):
-        table.setdefault(model_key(r), {})[r["dataset"]] = r
-    return table
-
-
-def set_names(records, role):
-    names = []
-    for r in records:
-        if r["role"] == role and r["dataset"] not in names:
-            names.append(r["dataset"])
-    return names
-
-
-def ood_mean(row, ood):
-    accs = [row[d]["top1"] for d in ood if d in row and row[d].get("top1") is not None]
-    return sum(accs) / len(accs) if accs and len(accs) == len(ood) else None
-
-
-def format_table(records):
-    """Fixed-width table: rows = models; ID, each OOD set, OOD mean, transfer sets (top-1 %),
-    then CKA / FVU / pres. (feature overlap) on the ID set."""
-    ids, ood, transfer = (set_names(records, r) for r in ("id", "ood", "transfer"))
-    rows = by_model(records)
-    head = ["model", "method"] + [f"{d} (ID)" for d in ids] + ood + \
-        (["OOD mean"] if ood else []) + transfer + ["CKA", "FVU", "pres."]
-    body = []
-    for row in rows.values():
-        first = next(iter(row.values()))
-        anal = row.get(ids[0], first) if ids else first
-        cells = [first["model"], first["method"]]
-        cells += [_num(row.get(d, {}).get("top1"), "{:.1f}") for d in ids + ood]
-        cells += [_num(ood_mean(row, ood), "{:.1f}")] if ood else []
-        cells += [_num(row.get(d, {}).get("top1"), "{:.1f}") for d in transfer]
-        cells += [_num(anal.get(k), f) for k, f in (("cka", "{:.3f}"), ("fvu", "{:.3f}"),
-                                                    ("overlap", "{:.3f}"))]
-        body.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    lines = ["  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
-                       for i, (c, w) in enumerate(zip(cells, widths))) for cells in [head] + body]
-    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
-
-
-def _num(v, fmt):
-    return "-" if v is None else fmt.format(v)
-
-
-def id_ood_points(records):
-    """{model key: (ID top-1, OOD-mean top-1, a record)} for every model with both."""
-    ids, ood = set_names(records, "id"), set_names(records, "ood")
-    if len(ids) != 1 or not ood:
-        raise UserError(f"the ID-vs-OOD plot needs one ID set and at least one OOD set; the "
-                        f"results have ID {ids} and OOD {ood} (filter the JSONL to one study)")
-    points = {}
-    for key, row in by_model(records).items():
-        mean = ood_mean(row, ood)
-        if ids[0] in row and row[ids[0]].get("top1") is not None and mean is not None:
-            points[key] = (row[ids[0]]["top1"], mean, row[ids[0]])
-    return points, ids[0], ood
-
-
-def plot(records, out):
-    """ID accuracy vs OOD-mean accuracy: the zero-shot point, each fine-tuned endpoint, and the
-    WiSE-FT curve θ0 → θ_α → θ1 of every run (Wortsman et al. 2022, Fig. 1)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    points, id_name, ood = id_ood_points(records)
-    fig, ax = plt.subplots(figsize=(6.4, 5))
-    zs = {k[:2]: p for k, p in points.items() if k[2] == "zero-shot"}
-    for (clip, _), (x, y, _) in zs.items():
-        ax.scatter([x], [y], marker="*", s=220, c="k", zorder=3,
-                   label=f"zero-shot {clip.split('/')[-1]}")
-    runs = sorted({k[:2] + (k[3],) for k in points if k[2] in ("ft", "wise-ft")}, key=str)
-    for clip, pre, run in runs:
-        mine = {k: p for k, p in points.items() if k[:2] == (clip, pre) and k[3] == run}
-        ft = [p for k, p in mine.items() if k[2] == "ft"]
-        wise = sorted((k[4], p) for k, p in mine.items() if k[2] == "wise-ft")
-        curve = ([zs[(clip, pre)]] if (clip, pre) in zs else []) + [p for _, p in wise] + ft
-        rec = (ft or [p for _, p in wise])[0][2]
-        line, = ax.plot([p[0] for p in curve], [p[1] for p in curve], "-", marker=".",
-                        label=f"{rec['method']} ({Path(run).name})")
-        for a, (x, y, _) in wise:
-            ax.annotate(f"{a:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        for x, y, _ in ft:
-            ax.scatter([x], [y], marker="o", s=60, color=line.get_color(), zorder=3)
-    ax.set_xlabel(f"ID top-1 (%), {id_name}")
-    ax.set_ylabel(f"OOD mean top-1 (%), {', '.join(ood)}")
-    ax.set_title("WiSE-FT: zero-shot (★) → α → fine-tuned (●)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-
-
-def plot_main(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py plot", description="The ID-vs-OOD-mean figure "
-                                "and the table from evaluate.py's JSON lines alone.")
-    p.add_argument("results", help="results JSONL written by evaluate.py")
-    p.add_argument("--out", default="wise_ft.png", help="PNG to write")
-    args = p.parse_args(argv)
-    records = read_jsonl(args.results)
-    if not records:
-        raise UserError(f"{args.results} holds no results")
-    print(format_table(records))
-    plot(records, args.out)
-    print(f"wrote {args.out}")
-
-
-def seed_rows(records):
-    """{(kind, method, α): {column: value}} for one seed's results: top-1 on every set, the OOD
-    mean and CKA / FVU / pres. on the ID set (the columns of format_table)."""
-    ids, ood = set_names(records, "id"), set_names(records, "ood")
-    rows = {}
-    for row in by_model(records).values():
-        first = next(iter(row.values()))
-        anal = row.get(ids[0], first) if ids else first
-        cells = {d: row[d].get("top1") for d in ids + ood if d in row}
-        cells["OOD mean"] = ood_mean(row, ood) if ood else None
-        cells.update(CKA=anal.get("cka"), FVU=anal.get("fvu"), **{"pres.": anal.get("overlap")})
-        rows[(first["kind"], first["method"], first["alpha"])] = cells
-    return rows, ids + ood + (["OOD mean"] if ood else []) + ["CKA", "FVU", "pres."]
-
-
-def seeds_table(per_seed):
-    """Markdown table of mean ± std (sample std) over seeds, one results file per seed; a model
-    is a (kind, method, α), so runs of the same method from different seeds are pooled."""
-    import statistics
-    tables = [seed_rows(records) for records in per_seed]
-    columns = tables[0][1]
-    keys = list(dict.fromkeys(k for rows, _ in tables for k in rows))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for key in keys:
-        cells = []
-        for col in columns:
-            vals = [rows[key][col] for rows, _ in tables
-                    if key in rows and rows[key].get(col) is not None]
-            digits = 1 if col not in ("CKA", "FVU", "pres.") else 3
-            if not vals:
-                cells.append("-")
-            elif len(vals) == 1:
-                cells.append(f"{vals[0]:.{digits}f}")
-            else:
-                cells.append(f"{statistics.mean(vals):.{digits}f} ± "
-                             f"{statistics.stdev(vals):.{digits}f}")
-        kind, method, alpha = key
-        name = (method if kind in ("ft", "zero-shot") else
-                f"WiSE-FT α={alpha:g} ({method})" if kind == "wise-ft" else f"{kind} ({method})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def seeds_main(argv):
-    p = argparse.ArgumentParser(prog="evaluate.py seeds", description="Mean ± std over seeds: "
-                                "one evaluate.py results JSONL per seed → a Markdown table.")
-    p.add_argument("results", nargs="+", help="results JSONL files, one per seed")
-    args = p.parse_args(argv)
-    per_seed = [read_jsonl(path) for path in args.results]
-    if not all(per_seed):
-        raise UserError("a results file holds no results")
-    print(f"mean ± std over {len(per_seed)} seed(s): {', '.join(args.results)}")
-    print(seeds_table(per_seed))
-
-
-# ============================================================================================
-# Main: settings → data → model → eval → save → report
-# ============================================================================================
-
-def evaluate(args):
-    # ---- settings (fail fast, before any model or image is loaded)
-    alphas = parse_alphas(args.wise_alphas)
-    specs = parse_sets(args)
-    if args.plot and not any(s.role == "ood" for s in specs):
-        raise UserError("--plot needs at least one OOD set (a set in --sets besides --id-set)")
-    runs = [read_run(d) for d in args.runs]
-    unknown = ({Path(d).resolve() for d in args.wise_runs or []}
-               - {Path(d).resolve() for d in args.runs})
-    if unknown:
-        raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
-                        "them there too")
-    zs = zero_shot_settings(args, runs)
-    sae, sae_cfg = load_sae(args.sae, args.device)
-    # ---- data
-    sets = [load_set(s, args) for s in specs]
-    resolve_head(zs, args, runs, sets)
-    check_labels(sets, len(zs.classnames))
-    # ---- model
-    zs_clf, preprocess = build_zero_shot(zs, sets, args)
-    check_sae(sae, sae_cfg, zs, zs_clf.head.in_features)
-    zs_state, work = cpu_state(zs_clf), zs_clf   # one network, loaded with each model's weights
-    # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
-    eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    h0, ft_state = {}, None
-    for spec in model_plan(runs, alphas, args.wise_runs):
-        if spec.kind == "ft":
-            ft_state = load_run_state(spec.run, zs_state)
-        work.load_state_dict(model_state(spec, zs_state, ft_state))
-        work.eval()
-        for s in sets:
-            t0 = time.time()
-            h, labels = embed(work, s, preprocess, args)
-            h0.setdefault(s.spec.name, h)          # the zero-shot model comes first
-            top1, n_classes = accuracy(work, h, labels, s, args.device)
-            metrics = {"top1": top1, "n_classes": n_classes,
-                       **representation_metrics(h, h0[s.spec.name], sae, args.device)}
-            rec = make_record(eval_id, spec, s, zs, args, sae_cfg, len(h), metrics)
-            data.append_jsonl(args.results, rec)
-            progress_line(rec, time.time() - t0)
-            if spec.kind == "ft":                  # Rep. Avg. (§4): (h0 + h1) / 2
-                avg = ModelSpec("rep-avg", spec.run)
-                metrics = representation_metrics((h0[s.spec.name] + h) / 2, h0[s.spec.name],
-                                                  sae, args.device)
-                rec = make_record(eval_id, avg, s, zs, args, sae_cfg, len(h),
-                                  {"top1": None, "n_classes": None, **metrics})
-                data.append_jsonl(args.results, rec)
-    # ---- report, from the JSON lines just written
-    mine = [r for r in read_jsonl(args.results) if r.get("eval_id") == eval_id]
-    print(format_table(mine))
-    print(f"appended {len(mine)} lines to {args.results}")
-    if args.plot:
-        plot(mine, args.plot)
-        print(f"wrote {args.plot}")
-
-
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["plot"]:
-            plot_main(argv[1:])
-        elif argv[:1] == ["seeds"]:
-            seeds_main(argv[1:])
-        else:
-            evaluate(get_args(argv))
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    """`evaluate.py ARGS` evaluates; `evaluate.py plot|seeds ...` are report.py's commands."""
+    def run(argv):
+        if argv[:1] in (["plot"], ["seeds"]):
+            return report.main(argv)
+        return evaluate(parse_args(argv))
+    return runs_io.cli(run, argv)
 
 
 if __name__ == "__main__":

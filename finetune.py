@@ -2,16 +2,20 @@
 
     logits, h = fθ(images)                          h (B, d) after the visual projection
     h0        = f0(images)                          frozen zero-shot copy, same augmented batch
-    L = CE(logits, y) + λ · R(h, h0; SAE)           R: --reg (losses.regulariser; METHOD §2)
+    L = CE(logits, y) + λ · R(h, h0; SAE)           R: --reg (losses.regulariser)
 
 The classifier is the zero-shot one (§3: class names × templates through the text tower,
 logits = exp(logit_scale)·W·normalise(h) + b); the whole image tower and the head are trained,
 the text tower is only used to build W. With `--reg sae-preserve` (the main method, §5 strategy 2)
 the fine-tuned embedding may only re-weight the SAE features the zero-shot model already uses:
 R = μ·L_res + λ_mask·L_pres. The SAE (stage 1, train_sae.py) is frozen and unused at inference.
-Recipe (§3, WiSE-FT; METHOD §3): AdamW (wd 0.1), 500 warm-up steps then cosine to 0, grad-norm
-clip 1.0, 10 epochs, lr 3e-5 at an effective batch of 512 (= --batch-size × --accum-steps),
+Recipe (§3, from WiSE-FT): AdamW (wd 0.1), 500 warm-up steps then cosine to 0, grad-norm clip
+1.0, 10 epochs, lr 3e-5 at an effective batch of 512 (= --batch-size × --accum-steps),
 open_clip's train augmentation (RandomResizedCrop 0.9–1), bf16 autocast on GPU.
+
+Reading order: the settings, then `finetune_step` (the method: one optimiser step), then
+`train` (the loop: step → log / probe / checkpoint). Run-folder, checkpoint and resume plumbing
+is in runs.py; the epoch order that makes resume exact is in data.py.
 
 Tiny CPU run (the built-in toy world; `python toy_world.py --out toy_world` builds it, then
 `python train_sae.py --model local-dir:toy_world/clip --train-data toy_world/data --k 8
@@ -37,31 +41,29 @@ flag refuses to run with --augment.
 Outputs in --out: model.safetensors + config.json (models.load_classifier rebuilds the model from
 them alone), checkpoint.pt (everything --resume needs), train_log.jsonl (one line per logged
 step: every loss term), probe.jsonl (FVU and feature overlap of the zero-shot SAE on a fixed
-probe set over training; METHOD §4), summary.json.
+probe set over training, §4), summary.json.
 """
 import argparse
-import contextlib
 import copy
-import json
+import itertools
 import math
 import os
-import random
-import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import data
 import losses
 import models
+import runs
 from data import UserError
 
-CHECKPOINT, TRAIN_LOG, PROBE_LOG, SUMMARY = ("checkpoint.pt", "train_log.jsonl", "probe.jsonl",
-                                            "summary.json")
-RUN_FILES = (models.WEIGHT_FILE, models.CONFIG_FILE, CHECKPOINT, TRAIN_LOG, PROBE_LOG, SUMMARY)
+TRAIN_LOG, PROBE_LOG, SUMMARY = "train_log.jsonl", "probe.jsonl", "summary.json"
+RUN_FILES = (models.WEIGHT_FILE, models.CONFIG_FILE, runs.CHECKPOINT, TRAIN_LOG, PROBE_LOG,
+             SUMMARY)
 # Settings that --resume may change without changing the weights the run ends with.
 RESUMABLE = {"resume", "overwrite", "max_steps", "workers", "log_every", "save_every",
              "probe_every", "device"}
@@ -73,7 +75,7 @@ RESUMABLE = {"resume", "overwrite", "max_steps", "workers", "log_every", "save_e
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="open_clip model: built-in name "
                    "(ViT-B-16-quickgelu), 'hf-hub:org/repo' or 'local-dir:/path'")
@@ -97,34 +99,31 @@ def parse_args(argv=None):
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="open_clip's train transform (RandomResizedCrop); --no-augment uses "
                    "the eval transform (resize + centre crop)")
-    g = p.add_argument_group("regulariser (§4, §5; METHOD §2): L = CE + λ·R")
+    W = losses.WEIGHTS
+    g = p.add_argument_group("regulariser (§4, §5): L = CE + λ·R; defaults: losses.WEIGHTS "
+                             "(unit-norm scale; the scale note in losses.regulariser)")
     g.add_argument("--reg", choices=losses.REGULARISERS, default="sae-preserve",
                    help="R: none (standard FT), l2 / l1 (embedding drift), sae-sparse, "
                    "sae-preserve (the main method), sae-preserve-remove")
     g.add_argument("--sae", default=None, help="folder of the frozen zero-shot SAE "
                    "(train_sae.py --out); needed by sae-*, optional otherwise (enables the probe)")
-    # Scale note (METHOD §2). Our SAE and R see unit-normalised embeddings; the authors' code fed
-    # raw ones (||h|| ≈ 10 for CLIP ViT-B). Squared terms (res, l2) are then ≈ ||h||² smaller here
-    # and |z| terms (pres, sparse, remove) ≈ ||h|| smaller, so the authors' (λ=70, μ=1, λ_mask=10,
-    # λ_l1=1e-3, λ_remove=0.02) correspond here to λ ≈ 70·||h||², λ_mask ≈ 10/||h||,
-    # λ_l1 ≈ 1e-3/||h||, λ_remove ≈ 0.02/||h||. The run prints these for its own measured ||h||.
-    # λ = 1000, λ_mask = 1 is what held OOD accuracy on the toy-world feasibility run
-    # (λ = 10–100 barely changed anything); it is a starting point, to be tuned per model.
-    g.add_argument("--lam", type=float, default=1000.0, help="λ, weight of R (our unit-norm "
-                   "scale: ≈ the authors' 70 × ||h||²; see the scale note in the source)")
-    g.add_argument("--mu", type=float, default=1.0, help="μ, weight of residual alignment L_res")
-    g.add_argument("--lam-mask", type=float, default=1.0, help="λ_mask, weight of feature "
-                   "preservation L_pres (authors' 10 on raw embeddings ≈ 10/||h|| here)")
-    g.add_argument("--lam-l1", type=float, default=1e-4, help="λ_l1, weight of sparse feature "
-                   "change L_sparse (sae-sparse; authors' 1e-3 ≈ 1e-3/||h|| here)")
-    g.add_argument("--lam-remove", type=float, default=2e-3, help="λ_remove, weight of feature "
-                   "removal L_remove (sae-preserve-remove; authors' 0.02 ≈ 0.02/||h|| here)")
+    g.add_argument("--lam", type=float, default=W["lam"], help="λ, weight of R (our unit-norm "
+                   "scale: ≈ the authors' 70 × ||h||²; see losses.regulariser)")
+    g.add_argument("--mu", type=float, default=W["mu"],
+                   help="μ, weight of residual alignment L_res")
+    g.add_argument("--lam-mask", type=float, default=W["lam_mask"], help="λ_mask, weight of "
+                   "feature preservation L_pres (authors' 10 on raw embeddings ≈ 10/||h|| here)")
+    g.add_argument("--lam-l1", type=float, default=W["lam_l1"], help="λ_l1, weight of sparse "
+                   "feature change L_sparse (sae-sparse; authors' 1e-3 ≈ 1e-3/||h|| here)")
+    g.add_argument("--lam-remove", type=float, default=W["lam_remove"], help="λ_remove, weight "
+                   "of feature removal L_remove (sae-preserve-remove; authors' 0.02 ≈ 0.02/||h|| "
+                   "here)")
     g.add_argument("--cache-zero-shot", action="store_true", help="compute h0 = f0(image) for "
                    "the whole train split once (cached in --cache-dir) instead of a frozen forward "
                    "per step; valid only with --no-augment (h0 must be of the same image)")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where --cache-zero-shot "
                    "keeps the zero-shot embeddings")
-    g = p.add_argument_group("optimisation (§3, WiSE-FT recipe; METHOD §3)")
+    g = p.add_argument_group("optimisation (§3, the WiSE-FT recipe)")
     g.add_argument("--epochs", type=int, default=10, help="passes over the train split; the "
                    "lr schedule spans all of them")
     g.add_argument("--lr", type=float, default=3e-5, help="peak AdamW learning rate (3e-5 at "
@@ -168,6 +167,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+
+
 def check_args(args):
     """Fail fast on settings that cannot work together."""
     if args.reg.startswith("sae") and not args.sae:
@@ -176,8 +177,6 @@ def check_args(args):
     if args.cache_zero_shot and args.augment:
         raise UserError("--cache-zero-shot needs --no-augment: with random crops the frozen "
                         "model must see each step's own crop, which a cache cannot hold")
-    if args.resume and args.overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pick one")
     for name in ("epochs", "batch_size", "accum_steps", "log_every", "probe_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
@@ -186,122 +185,254 @@ def check_args(args):
 
 
 # ============================================================================================
-# Output folder, checkpoints, logs
+# The method: one optimiser step of SAE-FT (§3, §5)
 # ============================================================================================
 
-def prepare_out(args):
-    """Check --out: never replace a run silently. Returns the checkpoint to resume, or None."""
+class StepResult(NamedTuple):
+    terms: dict        # name -> float, means over the step's micro-batches: ce, reg (= λ·R), and
+                       # R's own terms (res, pres, sparse, remove, l2, l1; losses.regulariser)
+    acc: float         # top-1 (%) on the step's training images
+    grad_norm: float   # before clipping
+
+
+def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=None):
+    """One optimiser step over `micro_batches` (--accum-steps of (images, labels, indices)).
+
+    L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
+    then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN
+    (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends — bench.py times the
+    phases through it."""
+    mark = mark or (lambda phase: None)
+    device = next(clf.parameters()).device
+    amp = args.amp and device.type == "cuda"                 # bf16 autocast on GPU only
+    sums, correct, seen = {}, 0, 0
+    for x, y, idx in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits, h = clf(x)                                            # (B, C), (B, d)
+            mark("forward")
+            h0 = zero_shot_target(f0, x, idx, h, h0_cache)                # (B, d), no grad
+            mark("zero_shot_target")
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+        terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
+                                   lam_l1=args.lam_l1, lam_mask=args.lam_mask,
+                                   lam_remove=args.lam_remove)            # λ·R in "reg"
+        loss = ce + terms["reg"]                                          # L = CE + λ·R (§5)
+        mark("loss")
+        (loss / args.accum_steps).backward()                              # accumulate
+        mark("backward")
+        for name, v in {"ce": ce, **terms}.items():
+            sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
+        correct, seen = correct + (logits.argmax(-1) == y).sum(), seen + len(y)
+    terms = {k: v.item() for k, v in sums.items()}
+    check_finite(terms, "loss")                        # a bad step must not reach the weights
+    grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()
+    check_finite({"grad-norm": grad_norm}, "gradient")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mark("optimiser")
+    return StepResult(terms, 100 * correct.item() / seen, grad_norm)
+
+
+def zero_shot_target(f0, x, idx, h, h0_cache):
+    """h0 (B, d): the frozen zero-shot embedding of the same (augmented) images — read from the
+    --cache-zero-shot table, or a frozen forward f0(x); with no f0 (--reg none, R = 0 whatever
+    h0 is) the step skips the frozen forward and returns h itself."""
+    if h0_cache is not None:
+        return h0_cache[idx].to(h.device)
+    if f0 is None:
+        return h.detach()
+    with torch.no_grad():
+        return f0(x)
+
+
+class NonFiniteLoss(UserError):
+    """A loss term or the gradient norm became inf/NaN; the run stops before the bad step."""
+
+    def __init__(self, what, term, step=None):
+        self.what, self.term = what, term
+        at = "" if step is None else f" at step {step}"
+        super().__init__(f"non-finite {what}{at} (term: {term}); the last good checkpoint is "
+                         "kept. Lower --lr, or check the data")
+
+
+def check_finite(terms, what):
+    """Raise NonFiniteLoss naming the first inf/NaN term of `terms` (name -> float)."""
+    for name, value in terms.items():
+        if not math.isfinite(value):
+            raise NonFiniteLoss(what, name)
+
+
+def lr_at(step, args, total_steps):
+    """Linear warm-up for --warmup-steps, then cosine to 0 at the last step (§3, WiSE-FT).
+
+    A pure function of the step: the step in the checkpoint is the whole schedule state."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ============================================================================================
+# The probe: what fine-tuning does to the zero-shot SAE's features over training (§4)
+# ============================================================================================
+
+@torch.no_grad()
+def probe(clf, sae, probe_images, z0, step, args):
+    """FVU of the zero-shot SAE on the fine-tuned embeddings and feature overlap |S0 ∩ S| / k."""
+    h = embed(clf.visual, probe_images, args)
+    out = sae(h)                                                    # x, z, x_hat: (P, ·)
+    return {"step": step, "fvu": losses.fvu(out.x, out.x_hat).item(),
+            "overlap": losses.feature_overlap(out.z, z0, sae.k).item()}
+
+
+def probe_set(dataset, preprocess_val, size):
+    """(P, 3, H, W): `size` train images under the eval transform, the same for every run."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
+    images = data.TorchImageDataset(dataset.select(idx.tolist()), preprocess_val)
+    return torch.stack([images[i][0] for i in range(len(images))])
+
+
+@torch.no_grad()
+def embed(encoder, images, args):
+    """h (N, d) float32 of a fixed image tensor, in eval mode, batched."""
+    was_training = encoder.training
+    encoder.eval()
+    use_amp = args.amp and args.device.startswith("cuda")
+    with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+        h = torch.cat([encoder(images[i:i + args.batch_size].to(args.device)).float()
+                       for i in range(0, len(images), args.batch_size)])
+    encoder.train(was_training)
+    return h
+
+
+# ============================================================================================
+# The loop: step → log / probe / checkpoint
+# ============================================================================================
+
+def train(args):
+    check_args(args)
+    ckpt = runs.check_out(args.out, (models.WEIGHT_FILE, runs.CHECKPOINT), args.resume,
+                          args.overwrite)
+    if ckpt is not None:
+        runs.check_same_settings(args.out, ckpt["args"], args, RESUMABLE)
     out = Path(args.out)
-    ckpt = out / CHECKPOINT
-    if args.resume:
-        if not ckpt.is_file():
-            raise UserError(f"nothing to resume: no {CHECKPOINT} in {out}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        changed = {k: (v, getattr(args, k)) for k, v in state["args"].items()
-                   if k not in RESUMABLE and getattr(args, k, None) != v}
-        if changed:
-            raise UserError(f"--resume needs the settings of the run in {out}; changed (saved, "
-                            f"now): {changed}")
-        return state
-    held = [f for f in (models.WEIGHT_FILE, CHECKPOINT) if (out / f).exists()]
-    if held and not args.overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(held)}); pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --out")
-    return None
+    runs.seed_all(args.seed)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    # ---- frozen SAE (stage 1), loaded first: a wrong --sae fails before anything slow
+    sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
+                                 args.force_quick_gelu)[0] if args.sae else None
 
-def clear_out(out):
-    """A fresh run: drop what an earlier one (overwritten, or crashed before its first
-    checkpoint) left. Called only once every input has been checked."""
-    for f in RUN_FILES:
-        (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    # ---- data: train split, class names, templates
+    dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
+                                      args.label_column, args.max_samples)
+    classnames, templates = resolve_classes(args, dataset)
+    steps_per_epoch = len(dataset) // (args.batch_size * args.accum_steps)  # drop last partial
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
+                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps})")
+    total_steps = args.epochs * steps_per_epoch
+    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
 
+    # ---- model: zero-shot classifier fθ (trained) and the frozen zero-shot image tower f0
+    clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
+        args.model, args.pretrained, classnames, templates, args.device,
+        force_quick_gelu=args.force_quick_gelu or None)
+    if sae is not None and sae.d != config["embed_dim"]:
+        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
+                        f"{config['embed_dim']}: {args.sae} was trained on another model")
+    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)          # θ0, never updated
+    clf.train()
+    clf.set_grad_checkpointing(args.grad_checkpointing)
+    images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
+    h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
+        else None
 
-def rng_state():
-    """Every RNG a run touches (numpy's as a tensor so the checkpoint loads with weights_only)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+    # ---- probe set: zero-shot codes z0 once, from f0 (§4)
+    probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)))
+    h0_probe = embed(f0, probe_images, args)                             # (P, d)
+    z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n)
+    if h0_cache is not None or args.reg == "none":
+        f0 = None  # its job is done: the targets are cached, or not needed (R = 0)
 
+    # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
+    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
+    step, epoch, pos = resume(ckpt, clf, opt, out) if ckpt is not None else (0, 0, 0)
+    if ckpt is None:
+        runs.clear_out(out, RUN_FILES)
+    print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
+          f"{len(templates)} templates | effective batch {args.batch_size * args.accum_steps} | "
+          f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
+          f"{args.reg}")
+    scale_note(h0_probe, args)
+    if sae is not None and step == 0:
+        runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
 
-def set_rng_state(s):
-    random.setstate(s["python"])
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    kind, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-
-
-def save_checkpoint(out, clf, opt, step, epoch, pos, args):
-    """checkpoint.pt, written atomically: a crash mid-save leaves the previous one intact."""
-    state = {"model": clf.state_dict(), "optimizer": opt.state_dict(), "step": step,
-             "epoch": epoch, "pos": pos, "rng": rng_state(), "args": vars(args)}
-    data.atomic_write(Path(out) / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-
-
-def truncate_jsonl(path, last_step):
-    """On resume: drop lines an interrupted run logged after its last checkpoint."""
-    if Path(path).is_file():
-        lines = [ln for ln in Path(path).read_text().splitlines()
-                 if ln.strip() and json.loads(ln)["step"] <= last_step]
-        data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n"
-                                                                        for ln in lines)))
-
-
-# ============================================================================================
-# Data: the order of an epoch is a pure function of (seed, epoch)
-# ============================================================================================
-
-@contextlib.contextmanager
-def seeded(seed):
-    """Run a block with torch's CPU RNG and Python's `random` seeded, then restore both."""
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
+    # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
+    batches, t_log, steps_since_log = None, time.time(), 0
+    while step < stop:
+        if batches is None:  # a new epoch, or the rest of a resumed one
+            batches = iter(data.epoch_loader(
+                images, args.batch_size, args.seed, epoch, pos * args.accum_steps,
+                steps_per_epoch * args.accum_steps, args.workers,
+                pin_memory=device.type == "cuda"))
+        lr = lr_at(step, args, total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
         try:
-            yield
-        finally:
-            random.setstate(py_state)
+            result = finetune_step(clf, f0, sae, opt, itertools.islice(batches, args.accum_steps),
+                                   args, h0_cache)
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(e.what, e.term, step + 1) from None
+        step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
+        epoch_done = pos == steps_per_epoch
+        if epoch_done:
+            epoch, pos, batches = epoch + 1, 0, None
+
+        # ---- log, probe, checkpoint
+        if step % args.log_every == 0 or step == stop:
+            ms = (time.time() - t_log) * 1e3 / steps_since_log
+            record = {"step": step, "epoch": epoch + pos / steps_per_epoch, **result.terms,
+                      "acc": result.acc, "lr": lr, "grad_norm": result.grad_norm,
+                      "ms_per_step": ms}
+            print(progress_line(record, list(result.terms)), flush=True)
+            runs.append_jsonl(out / TRAIN_LOG, record)
+            t_log, steps_since_log = time.time(), 0
+        if sae is not None and ((args.probe_every and step % args.probe_every == 0)
+                                or step == stop):
+            runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
+        if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
+            runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
+                                 optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
+                                 args=vars(args))
+
+    # ---- save the model + the config that rebuilds it; summary
+    config.update(args=vars(args), steps=step, total_steps=total_steps,
+                  finished=step == total_steps,
+                  regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
+                               "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
+                               "lam_remove": args.lam_remove, "sae": args.sae})
+    models.save_classifier(out, clf, config)
+    return write_summary(out, step, total_steps, args)
 
 
-class SeededImages(torch.utils.data.Dataset):
-    """dataset[(i, seed)] -> (transform(image_i), label_i, i), its random crop drawn from `seed`.
+# ============================================================================================
+# Setup and bookkeeping
+# ============================================================================================
 
-    Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
-    scheduling or where a resumed run restarted — which is what makes resuming exact."""
-
-    def __init__(self, dataset, transform):
-        self.images = data.TorchImageDataset(dataset, transform)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        i, seed = key
-        with seeded(seed):
-            image, label = self.images[i]
-        return image, label, i
-
-
-def epoch_order(seed, epoch, n):
-    """(perm (n,), crop seeds (n,)): the shuffled order and each image's augmentation seed."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch])
-                                          .generate_state(1, np.uint64)[0]))
-    return torch.randperm(n, generator=g), torch.randint(0, 2 ** 62, (n,), generator=g)
-
-
-def epoch_loader(images, args, epoch, first, count):
-    """Micro-batches `first`..`count`-1 of epoch `epoch` (resume skips the ones already seen)."""
-    perm, seeds = epoch_order(args.seed, epoch, len(images))
-    seeds = seeds.tolist()
-    keys = [(i, seeds[i]) for i in perm[first * args.batch_size:count * args.batch_size].tolist()]
-    return torch.utils.data.DataLoader(images, batch_size=args.batch_size, sampler=keys,
-                                       num_workers=args.workers,
-                                       pin_memory=args.device.startswith("cuda"))
+def resume(ckpt, clf, opt, out):
+    """Restore weights, optimiser, RNGs and position; drop log lines written after the
+    checkpoint. Returns (step, epoch, step within the epoch)."""
+    clf.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    runs.set_rng_state(ckpt["rng"])
+    step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
+    runs.truncate_jsonl(out / TRAIN_LOG, step)
+    runs.truncate_jsonl(out / PROBE_LOG, step)
+    print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
+    return step, epoch, pos
 
 
 def resolve_classes(args, dataset):
@@ -338,82 +469,6 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
     return data.cached_embeddings(args.cache_dir, key, compute)["h"]
 
 
-# ============================================================================================
-# The frozen SAE, and the probe of what fine-tuning does to its features (METHOD §4)
-# ============================================================================================
-
-def load_sae(args):
-    """(sae, config) from --sae, or (None, None); refuses an SAE of another model."""
-    if not args.sae:
-        return None, None
-    sae, cfg = models.load_frozen_sae(args.sae, args.device)
-    same = models.sae_trained_on(cfg, args.model, args.pretrained, args.force_quick_gelu)
-    if same is None:
-        print(f"warning: {args.sae} does not record the model it was trained on; make sure it "
-              f"is {args.model}", file=sys.stderr)
-    elif not same:
-        raise UserError(f"the SAE in {args.sae} was trained on {cfg['model']} (pretrained "
-                        f"{cfg.get('pretrained')}), but --model is {args.model} (pretrained "
-                        f"{args.pretrained}): an SAE only describes the embeddings of its own "
-                        "model; train one for this model with train_sae.py")
-    return sae, cfg
-
-
-@torch.no_grad()
-def embed(encoder, images, args):
-    """h (N, d) float32 of a fixed image tensor, in eval mode, batched."""
-    was_training = encoder.training
-    encoder.eval()
-    use_amp = args.amp and args.device.startswith("cuda")
-    with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
-        h = torch.cat([encoder(images[i:i + args.batch_size].to(args.device)).float()
-                       for i in range(0, len(images), args.batch_size)])
-    encoder.train(was_training)
-    return h
-
-
-@torch.no_grad()
-def probe(clf, sae, probe_images, z0, step, args):
-    """FVU of the zero-shot SAE on the fine-tuned embeddings and feature overlap |S0 ∩ S| / k."""
-    h = embed(clf.visual, probe_images, args)
-    out = sae(h)                                                    # x, z, x_hat: (P, ·)
-    return {"step": step, "fvu": losses.fvu(out.x, out.x_hat).item(),
-            "overlap": losses.feature_overlap(out.z, z0, sae.k).item()}
-
-
-def probe_set(dataset, preprocess_val, size):
-    """(P, 3, H, W): `size` train images under the eval transform, the same for every run."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
-    images = data.TorchImageDataset(dataset.select(idx.tolist()), preprocess_val)
-    return torch.stack([images[i][0] for i in range(len(images))])
-
-
-# ============================================================================================
-# Loss and schedule
-# ============================================================================================
-
-def lr_at(step, args, total_steps):
-    """Linear warm-up for --warmup-steps, then cosine to 0 at the last step (§3, WiSE-FT).
-
-    A pure function of the step: the step in the checkpoint is the whole schedule state."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, total_steps - args.warmup_steps)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-class NonFiniteLoss(Exception):
-    """A loss term or the gradient norm became inf/NaN; the run stops before the bad step."""
-
-
-def check_finite(terms, step, what="loss"):
-    """Raise NonFiniteLoss naming the step and the first inf/NaN term of `terms` (name -> float)."""
-    for name, value in terms.items():
-        if not math.isfinite(value):
-            raise NonFiniteLoss(f"non-finite {what} at step {step} (term: {name}); the last good "
-                                f"checkpoint is kept. Lower --lr, or check the data")
-
-
 def progress_line(rec, names):
     """`step 500 | ce 0.41 | res 0.0007 | pres 0.012 | reg 0.3 | acc 71.2 | 38 ms/step`"""
     terms = " | ".join(f"{k} {rec[k]:.4g}" for k in names)
@@ -423,177 +478,35 @@ def progress_line(rec, names):
 
 def scale_note(h0, args):
     """Print the measured ||h|| and what the authors' weights would be on our scale."""
-    s = h0.norm(dim=-1).mean().item()
-    print(f"mean zero-shot ||h|| = {s:.2f}: the authors' λ=70, λ_mask=10, λ_l1=1e-3, "
-          f"λ_remove=0.02 (raw embeddings) ≈ here λ={70 * s * s:.0f}, λ_mask={10 / s:.3g}, "
-          f"λ_l1={1e-3 / s:.2g}, λ_remove={0.02 / s:.2g} (METHOD §2 scale note); running "
-          f"λ={args.lam:g}, μ={args.mu:g}, λ_mask={args.lam_mask:g}")
+    s, a = h0.norm(dim=-1).mean().item(), losses.AUTHORS_WEIGHTS
+    print(f"mean zero-shot ||h|| = {s:.2f}: the authors' λ={a['lam']:g}, "
+          f"λ_mask={a['lam_mask']:g}, λ_l1={a['lam_l1']:g}, λ_remove={a['lam_remove']:g} (raw "
+          f"embeddings) ≈ here λ={a['lam'] * s * s:.0f}, λ_mask={a['lam_mask'] / s:.3g}, "
+          f"λ_l1={a['lam_l1'] / s:.2g}, λ_remove={a['lam_remove'] / s:.2g} (scale note: "
+          f"losses.regulariser); running λ={args.lam:g}, μ={args.mu:g}, "
+          f"λ_mask={args.lam_mask:g}")
 
 
-# ============================================================================================
-# Stage 2
-# ============================================================================================
-
-def train(args):
-    check_args(args)
-    ckpt = prepare_out(args)
-    out = Path(args.out)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    use_amp = args.amp and device.type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # ---- frozen SAE (stage 1), loaded first: a wrong --sae fails before anything slow
-    sae, _ = load_sae(args)
-
-    # ---- data: train split, class names, templates
-    dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
-                                      args.label_column, args.max_samples)
-    classnames, templates = resolve_classes(args, dataset)
-    steps_per_epoch = len(dataset) // (args.batch_size * args.accum_steps)  # drop last partial
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
-                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps})")
-    total_steps = args.epochs * steps_per_epoch
-    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-
-    # ---- model: zero-shot classifier fθ (trained) and the frozen zero-shot image tower f0
-    clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
-        args.model, args.pretrained, classnames, templates, args.device,
-        force_quick_gelu=args.force_quick_gelu or None)
-    if sae is not None and sae.d != config["embed_dim"]:
-        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
-                        f"{config['embed_dim']}: {args.sae} was trained on another model")
-    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)          # θ0, never updated
-    clf.train()
-    clf.set_grad_checkpointing(args.grad_checkpointing)
-    images = SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
-    h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
-        else None
-
-    # ---- probe set: zero-shot codes z0 once, from f0 (METHOD §4; issue 5's Figure-2 analogue)
-    probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)))
-    h0_probe = embed(f0, probe_images, args)                             # (P, d)
-    z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n)
-    frozen_forward = h0_cache is None and args.reg != "none"  # R = 0 needs no h0
-    if not frozen_forward:
-        del f0  # its job is done: the targets are cached, or not needed
-
-    # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
-    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
-    step = epoch = pos = 0
-    if ckpt is not None:
-        clf.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
-        set_rng_state(ckpt["rng"])
-        truncate_jsonl(out / TRAIN_LOG, step)
-        truncate_jsonl(out / PROBE_LOG, step)
-        print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
-    else:
-        clear_out(out)
-    print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
-          f"{len(templates)} templates | effective batch {args.batch_size * args.accum_steps} | "
-          f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
-          f"{args.reg}")
-    scale_note(h0_probe, args)
-    if sae is not None and step == 0:
-        data.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
-
-    # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
-    batches, t_log, steps_since_log = None, time.time(), 0
-    while step < stop:
-        if batches is None:  # a new epoch, or the rest of a resumed one
-            batches = iter(epoch_loader(images, args, epoch, pos * args.accum_steps,
-                                        steps_per_epoch * args.accum_steps))
-        lr = lr_at(step, args, total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        sums, correct = {}, 0
-        for _ in range(args.accum_steps):
-            x, y, idx = next(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-                logits, h = clf(x)                                       # (B, C), (B, d)
-                if frozen_forward:
-                    with torch.no_grad():
-                        h0 = f0(x)                                       # (B, d), same crops
-            if h0_cache is not None:
-                h0 = h0_cache[idx].to(device)
-            elif not frozen_forward:
-                h0 = h  # --reg none: R = 0 whatever h0 is; skip the frozen forward
-            ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
-                                       lam_l1=args.lam_l1, lam_mask=args.lam_mask,
-                                       lam_remove=args.lam_remove)      # λ·R in "reg"
-            loss = ce + terms["reg"]                                     # L = CE + λ·R (§5)
-            (loss / args.accum_steps).backward()
-            for name, v in {"ce": ce, **terms}.items():
-                sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
-            correct += (logits.argmax(-1) == y).sum()
-        # A bad step must not reach the weights: check every term before the update.
-        step_terms = {k: v.item() for k, v in sums.items()}
-        check_finite(step_terms, step + 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad)
-        check_finite({"grad-norm": grad_norm.item()}, step + 1, "gradient")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
-        epoch_done = pos == steps_per_epoch
-        if epoch_done:
-            epoch, pos, batches = epoch + 1, 0, None
-
-        # ---- log, probe, checkpoint
-        if step % args.log_every == 0 or step == stop:
-            ms = (time.time() - t_log) * 1e3 / steps_since_log
-            record = {"step": step, "epoch": epoch + pos / steps_per_epoch, **step_terms,
-                      "acc": 100 * correct.item() / (args.batch_size * args.accum_steps),
-                      "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": ms}
-            print(progress_line(record, list(step_terms)), flush=True)
-            data.append_jsonl(out / TRAIN_LOG, record)
-            t_log, steps_since_log = time.time(), 0
-        if sae is not None and ((args.probe_every and step % args.probe_every == 0)
-                                or step == stop):
-            data.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
-        if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
-            save_checkpoint(out, clf, opt, step, epoch, pos, args)
-
-    # ---- save the model + the config that rebuilds it; summary
-    config.update(args=vars(args), steps=step, total_steps=total_steps,
-                  finished=step == total_steps,
-                  regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
-                               "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
-                               "lam_remove": args.lam_remove, "sae": args.sae})
-    models.save_classifier(out, clf, config)
-    probes, logs = read_jsonl(out / PROBE_LOG), read_jsonl(out / TRAIN_LOG)
+def write_summary(out, step, total_steps, args):
+    """summary.json: steps done, the last logged step, the first and last probe."""
+    probes = runs.read_jsonl(out / PROBE_LOG, missing_ok=True)
+    logs = runs.read_jsonl(out / TRAIN_LOG, missing_ok=True)
     summary = {"steps": step, "total_steps": total_steps, "finished": step == total_steps,
                "last_log": logs[-1] if logs else None,
                "probe_first": probes[0] if probes else None,
                "probe_last": probes[-1] if probes else None, "args": vars(args)}
-    if device.type == "cuda":
+    if args.device.startswith("cuda"):
         summary["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    data.atomic_write(out / SUMMARY,
-                      lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    runs.write_json(out / SUMMARY, summary)
     print(f"saved {out / models.WEIGHT_FILE} after {step}/{total_steps} steps")
     return summary
 
 
-def read_jsonl(path):
-    if not Path(path).is_file():
-        return []
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
-
-
 def main(argv=None):
     """The command line: bad input and a diverging run end with one `error: ...` line, exit 1."""
-    args = parse_args(argv)
-    try:
-        return train(args)
-    except (UserError, ValueError, FileNotFoundError, NonFiniteLoss) as e:
-        sys.exit(f"error: {e}")
+    return runs.cli(lambda a: train(parse_args(a)), argv)
 
 
 if __name__ == "__main__":
     main()
+

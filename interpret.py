@@ -1,5 +1,5 @@
 """Interpretability — what fine-tuning did to the zero-shot model's SAE features, feature by feature
-(§1 contribution 3, §4; METHOD.md §4, last paragraph).
+(§1 contribution 3, §4).
 
 The frozen zero-shot SAE (train_sae.py) gives the zero-shot model a vocabulary of features. On an
 eval set, both models' unit-normalised embeddings are encoded with it, z0 = E(x0) and z = E(x)
@@ -47,7 +47,6 @@ Open <out>/report.md in any Markdown viewer (the PNGs sit beside it).
 """
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -58,6 +57,7 @@ import torch.nn.functional as F
 import data
 import losses
 import models
+import runs
 from data import UserError
 
 # ============================================================================================
@@ -77,20 +77,11 @@ CATEGORIES = ("added", "removed", "reweighted")
 REPORT, PROBE_LOG, OVER_TRAINING = "report.md", "probe.jsonl", "over_training.png"
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except None and those the help text already states."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_report_args(argv):
     p = argparse.ArgumentParser(prog="interpret.py report", description="Which zero-shot SAE "
                                 "features a fine-tuned run added, removed and re-weighted on an "
                                 "eval set: report.md + PNG grids, and one JSON line.",
-                                formatter_class=Help)
+                                formatter_class=runs.HelpFormatter)
     g = p.add_argument_group("models")
     g.add_argument("--run", required=True, help="fine-tuned run folder (finetune.py --out: "
                    "model.safetensors + config.json; probe.jsonl is plotted when present)")
@@ -144,7 +135,7 @@ def parse_probes_args(argv):
     p = argparse.ArgumentParser(prog="interpret.py probes", description="FVU and feature "
                                 "preservation of the zero-shot SAE over fine-tuning, one line "
                                 "per run (probe.jsonl from finetune.py), on one figure.",
-                                formatter_class=Help)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding probe.jsonl "
                    "(or probe.jsonl files themselves)")
     p.add_argument("--out", default="probes.png", help="PNG to write")
@@ -310,27 +301,6 @@ def feature_entry(stats, z0, z, labels, classnames, sizes, i, cat):
 # Models, data, embeddings
 # ============================================================================================
 
-def read_run(path):
-    """The run folder's config.json, checked."""
-    d = Path(path)
-    missing = [f for f in (models.WEIGHT_FILE, models.CONFIG_FILE) if not (d / f).is_file()]
-    if not d.is_dir() or missing:
-        raise UserError(f"{path} is not a fine-tuned run folder (needs {models.WEIGHT_FILE} and "
-                        f"{models.CONFIG_FILE}, as finetune.py --out writes)")
-    try:
-        return json.loads((d / models.CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d / models.CONFIG_FILE} is not valid JSON: {e}") from e
-
-
-def run_method(config):
-    """The run's regulariser (finetune.py stores it under "regulariser"), else "run"."""
-    for c in (config.get("regulariser"), config.get("args"), config):
-        if isinstance(c, dict) and c.get("reg"):
-            return str(c["reg"])
-    return "run"
-
-
 def zero_shot_identity(args, config):
     """(model, pretrained, quick_gelu) of the zero-shot model the run started from."""
     model = args.model or config.get("model_name")
@@ -361,7 +331,7 @@ def resolve_classes(args, config, dataset):
     return names, templates
 
 
-def check_widths(sae, sae_cfg, model, pretrained, quick, clip_width, run_width):
+def check_widths(sae, model, clip_width, run_width):
     """The SAE must describe this zero-shot model, and the run must be fine-tuned from it."""
     if sae.d != clip_width:
         raise UserError(f"the SAE has width d={sae.d} but {model} embeddings have width "
@@ -369,9 +339,6 @@ def check_widths(sae, sae_cfg, model, pretrained, quick, clip_width, run_width):
     if run_width != clip_width:
         raise UserError(f"the run's embeddings have width {run_width}, {model}'s {clip_width}: "
                         "the run was not fine-tuned from this zero-shot model")
-    if models.sae_trained_on(sae_cfg, model, pretrained, quick) is False:
-        print(f"warning: the SAE was trained on {sae_cfg['model']}, the zero-shot model is "
-              f"{model}", file=sys.stderr)
 
 
 def embed_images(model, dataset, preprocess, args):
@@ -382,7 +349,7 @@ def embed_images(model, dataset, preprocess, args):
 
 @torch.no_grad()
 def sae_codes(sae, h, device, chunk=8192):
-    """z (N, n) = E(h/||h||) on the CPU, and the SAE's FVU on these embeddings (METHOD §4).
+    """z (N, n) = E(h/||h||) on the CPU, and the SAE's FVU on these embeddings (§4).
     Chunked: z is N × n, the wide one; x and x̃ are only N × d."""
     parts = []
     for i in range(0, len(h), chunk):
@@ -436,16 +403,13 @@ def read_probes(path):
     if not file.is_file():
         raise UserError(f"no {PROBE_LOG} in {path}: finetune.py writes it when given --sae "
                         "(every --probe-every steps)")
-    try:
-        records = [json.loads(ln) for ln in file.read_text().splitlines() if ln.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{file} is not JSON lines: {e}") from e
+    records = runs.read_jsonl(file)
     bad = [r for r in records if not {"step", "fvu", "overlap"} <= set(r)]
     if not records or bad:
         raise UserError(f"{file}: every line needs step, fvu and overlap (finetune.py's probe)")
     run_dir = file.parent
     config = run_dir / models.CONFIG_FILE
-    method = run_method(json.loads(config.read_text())) if config.is_file() else "run"
+    method = runs.run_method(json.loads(config.read_text())) if config.is_file() else "unknown"
     return f"{method} ({run_dir.name})", sorted(records, key=lambda r: r["step"])
 
 
@@ -507,7 +471,7 @@ def section_summary(info, ranking):
              f"- zero-shot SAE: `{info['sae']}`, n = {info['n_features']} features, k = "
              f"{info['k']}; atoms compared with the zero-shot text tower's embeddings",
              ""]
-    rows = [("FVU of the SAE (METHOD §4; > 1: worse than the mean)", "fvu", ".3f"),
+    rows = [("FVU of the SAE (§4; > 1: worse than the mean)", "fvu", ".3f"),
             ("features active per image", "l0", ".2f")]
     if "top1_zero_shot" in s:  # only when both heads score this set's classes
         rows.insert(0, ("top-1 accuracy (%)", "top1", ".1f"))
@@ -618,14 +582,14 @@ def section_over_training(probes):
 def write_report(out, info, ranking, probes):
     lines = [f"# What fine-tuning changed: `{Path(info['run']).name}` vs zero-shot", "",
              f"Made by `interpret.py report` on {info['time']}. Features are those of the frozen "
-             "zero-shot SAE; z0 = E(x0), z = E(x) on the same images (METHOD §4).", ""]
+             "zero-shot SAE; z0 = E(x0), z = E(x) on the same images (§4).", ""]
     lines += section_summary(info, ranking)
     for cat in CATEGORIES:
         lines += section_category(cat, ranking[cat], info)
     lines += section_per_class(info, ranking)
     lines += section_over_training(probes)
     text = "\n".join(lines)
-    data.atomic_write(Path(out) / REPORT, lambda tmp: Path(tmp).write_text(text))
+    runs.atomic_write(Path(out) / REPORT, lambda tmp: Path(tmp).write_text(text))
 
 
 # ============================================================================================
@@ -634,10 +598,10 @@ def write_report(out, info, ranking, probes):
 
 def report(args):
     # ---- settings: the run and its zero-shot model (fail fast, before anything slow)
-    config = read_run(args.run)
+    config = runs.read_run(args.run).config
     model_name, pretrained, quick = zero_shot_identity(args, config)
     probes = read_probes(args.run)[1] if (Path(args.run) / PROBE_LOG).is_file() else None
-    sae, sae_cfg = models.load_frozen_sae(args.sae, args.device)
+    sae, _ = models.load_frozen_sae(args.sae, args.device, model_name, pretrained, quick)
     # ---- data
     dataset = data.load_image_dataset(args.data, args.split, args.image_column,
                                       args.label_column, args.max_samples)
@@ -646,8 +610,7 @@ def report(args):
     clip, _, preprocess, tokenizer = models.load_clip(model_name, pretrained, args.device, quick)
     ft, _ = models.load_classifier(args.run, args.device)
     W = models.zero_shot_weights(clip, tokenizer, classnames, templates, args.device).cpu()
-    check_widths(sae, sae_cfg, model_name, pretrained, quick, W.shape[1],
-                 ft.head.in_features)
+    check_widths(sae, model_name, W.shape[1], ft.head.in_features)
     # ---- embeddings of the same images by both models, and their SAE codes
     h0, labels = embed_images(clip, dataset, preprocess, args)                 # (N, d), (N,)
     h, _ = embed_images(ft, dataset, preprocess, args)
@@ -668,7 +631,7 @@ def report(args):
                                drawn)
     # ---- the report folder and the JSON line
     info = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(args.run),
-            "method": run_method(config), "model": model_name, "pretrained": pretrained,
+            "method": runs.run_method(config), "model": model_name, "pretrained": pretrained,
             "sae": str(args.sae), "data": str(args.data), "split": args.split,
             "max_samples": args.max_samples, "n": len(labels), "n_features": sae.n, "k": sae.k,
             "min_images": args.min_images, "top": args.top, "texts": args.texts,
@@ -680,7 +643,7 @@ def report(args):
     record = {k: v for k, v in info.items() if k not in ("classnames", "per_class", "texts")}
     record.update(kind="interpret", report=str(out / REPORT), counts=ranking["counts"],
                   **{cat: ranking[cat] for cat in CATEGORIES})
-    data.append_jsonl(args.results, record)
+    runs.append_jsonl(args.results, record)
     print_summary(info, ranking, out, args.results)
     return record
 
@@ -750,20 +713,20 @@ def probes_main(args):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """`interpret.py report ...` or `interpret.py probes ...`."""
     usage = "usage: interpret.py {report,probes} ... (--help after either for its options)"
-    if not argv or argv[0] not in ("report", "probes"):
+
+    def run(argv):
         if argv[:1] in (["-h"], ["--help"]):
             print(__doc__)
             print(usage)
             return None
-        sys.exit(f"error: {usage}")
-    try:
+        if not argv or argv[0] not in ("report", "probes"):
+            raise UserError(usage)
         if argv[0] == "report":
             return report(parse_report_args(argv[1:]))
         return probes_main(parse_probes_args(argv[1:]))
-    except (UserError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    return runs.cli(run, argv)
 
 
 if __name__ == "__main__":

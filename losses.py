@@ -2,7 +2,7 @@
 
 Every function here is one quantity of the paper (Morelli et al. 2026, "Sparse Autoencoders enable
 Robust and Interpretable Fine-tuning of CLIP models"); section numbers (§) are the paper's, and
-`METHOD.md` in the shared docs gives each formula. Shapes: B = batch, d = embedding width,
+the README's "paper → code" table maps each one to its function. Shapes: B = batch, d = embedding width,
 n = number of SAE latents (dictionary atoms).
 
     x  = normalise(f_θ(img))    (B, d)   fine-tuned embedding, unit norm
@@ -132,9 +132,18 @@ def at_least_fp32(t):
 
 REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove")
 
+# The regulariser's weights: the one set of defaults (finetune.py's command line reads them
+# from here). They are on this project's scale — R sees unit-normalised embeddings — and were
+# chosen on the toy world (λ = 10–100 barely changed anything there; λ = 1000, λ_mask = 1 held
+# OOD accuracy for both L2 and SAE-FT). Tune λ per model. See `regulariser` for the scale note.
+WEIGHTS = {"lam": 1000.0, "mu": 1.0, "lam_mask": 1.0, "lam_l1": 1e-4, "lam_remove": 2e-3}
+# The authors' weights (§5), meant for raw CLIP embeddings (||h|| ≈ 10 for ViT-B).
+AUTHORS_WEIGHTS = {"lam": 70.0, "mu": 1.0, "lam_mask": 10.0, "lam_l1": 1e-3, "lam_remove": 0.02}
 
-def regulariser(name, h, h0, sae=None, lam=1.0, mu=1.0, lam_l1=1e-3, lam_mask=10.0,
-                lam_remove=0.02):
+
+def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
+                lam_l1=WEIGHTS["lam_l1"], lam_mask=WEIGHTS["lam_mask"],
+                lam_remove=WEIGHTS["lam_remove"]):
     """Every term of the fine-tuning regulariser R by name, plus "reg" = λ·R (add it to CE).
 
     h (B, d) fine-tuned embedding, h0 (B, d) zero-shot embedding — both raw (any norm); they
@@ -146,6 +155,13 @@ def regulariser(name, h, h0, sae=None, lam=1.0, mu=1.0, lam_l1=1e-3, lam_mask=10
         sae-sparse           R = μ·L_res + λ_l1·L_sparse
         sae-preserve         R = μ·L_res + λ_mask·L_pres
         sae-preserve-remove  R = μ·L_res + λ_mask·L_pres + λ_remove·L_remove
+
+    Scale note. The authors' code applies the SAE and R to raw embeddings, ||h|| ≈ 10 for CLIP
+    ViT-B; here they see unit-norm ones. Squared terms (L_res, l2) are then ≈ ||h||² smaller
+    here and |z| terms (L_pres, L_sparse, L_remove) ≈ ||h|| smaller, so the authors' (λ = 70,
+    μ = 1, λ_mask = 10, λ_l1 = 1e-3, λ_remove = 0.02) correspond here to λ ≈ 70·||h||²,
+    λ_mask ≈ 10/||h||, λ_l1 ≈ 1e-3/||h||, λ_remove ≈ 0.02/||h|| (finetune.py prints these for
+    the model's own ||h||). The defaults are WEIGHTS above.
     """
     if name not in REGULARISERS:
         raise ValueError(f"unknown regulariser {name!r}; choose one of {', '.join(REGULARISERS)}")

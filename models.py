@@ -6,23 +6,22 @@ checkpoints, and WiSE-FT weight interpolation.
     clf = ImageClassifier(model.visual, W, model.logit_scale.exp().item())
     logits, h = clf(images)               # logits = exp(logit_scale) · W · normalise(h) + b
 
-METHOD.md §2 (zero-shot head: per class, embed every template, L2-normalise each, average,
-L2-normalise again) and §3 (recipe; WiSE-FT θ_α = (1 − α)θ0 + αθ1 over every parameter, head
-included). A checkpoint is `model.safetensors` + `config.json`; the config holds everything
+The paper's §3: the zero-shot head (per class, embed every template, L2-normalise each,
+average, L2-normalise again) and the recipe (WiSE-FT θ_α = (1 − α)θ0 + αθ1 over every
+parameter, head included). A checkpoint is `model.safetensors` + `config.json`; the config holds everything
 that rebuilds the architecture, so loading one never downloads anything.
 """
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import UserError, atomic_write
+from runs import CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write  # noqa: F401
 from sae import TopKSAE
-
-WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 # File names open_clip's `local-dir:` loader looks for, in its order of preference
 # (open_clip/factory.py, _find_checkpoint_in_dir); any other *.safetensors/*.bin/*.pth is a
@@ -40,7 +39,7 @@ def needs_quick_gelu(model_name, pretrained, force_quick_gelu=None):
     """Whether to build the model with QuickGELU.
 
     OpenAI's weights were trained with QuickGELU; open_clip's plain `ViT-B-16` config uses
-    nn.GELU and only warns, which silently costs accuracy (METHOD §3). So pretrained='openai'
+    nn.GELU and only warns, which silently costs accuracy. So pretrained='openai'
     on a name without '-quickgelu' turns it on. An explicit True/False always wins — pass True
     when `pretrained` is a file holding OpenAI-derived weights (e.g. our own fine-tuned ones).
     """
@@ -149,13 +148,25 @@ def sae_trained_on(sae_config, name, pretrained, force_quick_gelu):
         model_key(name, pretrained, force_quick_gelu)
 
 
-def load_frozen_sae(path, device="cpu"):
-    """(sae, config) of a trained SAE folder, frozen (eval mode, no gradients); a missing folder
-    or file is a UserError."""
+def load_frozen_sae(path, device="cpu", model=None, pretrained=None, force_quick_gelu=None):
+    """(sae, config) of a trained SAE folder, frozen (eval mode, no gradients).
+
+    With `model` given, the SAE must have been trained on that model's embeddings (an SAE only
+    describes its own model): another model is a UserError, an SAE that records none a warning."""
     try:
         sae, config = TopKSAE.load(path, device)
     except FileNotFoundError as e:
         raise UserError(str(e)) from None
+    if model is not None:
+        same = sae_trained_on(config, model, pretrained, force_quick_gelu)
+        if same is None:
+            print(f"warning: {path} does not record the model it was trained on; make sure it "
+                  f"is {model}", file=sys.stderr)
+        elif not same:
+            raise UserError(f"the SAE in {path} was trained on {config['model']} (pretrained "
+                            f"{config.get('pretrained')}), but the model is {model} (pretrained "
+                            f"{pretrained}): an SAE only describes the embeddings of its own "
+                            "model; train one for this model with train_sae.py")
     return sae.eval().requires_grad_(False), config
 
 
@@ -196,7 +207,7 @@ def transforms_from_config(config):
 
 
 # ============================================================================================
-# Zero-shot head (§3; METHOD.md §2)
+# Zero-shot head (§3)
 # ============================================================================================
 
 def _openai_imagenet_templates():
@@ -232,17 +243,15 @@ def imagenet_classnames():
 
 def zero_shot_weights(model, tokenizer, classnames, templates, device, classes_per_batch=16):
     """W (C, d), float32: per class, embed every template, L2-normalise each, average,
-    L2-normalise again (§3). Text embeddings run in fp32 under inference mode."""
-    rows = []
-    model = model.to(device)
-    with torch.inference_mode():
-        for i in range(0, len(classnames), classes_per_batch):
-            names = classnames[i:i + classes_per_batch]
-            texts = [t.replace("{}", c) for c in names for t in templates]
-            emb = model.encode_text(tokenizer(texts).to(device)).float()   # (c·T, d)
-            emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1)
-            rows.append(F.normalize(emb.mean(dim=1), dim=-1))              # (c, d)
-    return torch.cat(rows).clone()  # clone: a normal tensor, usable outside inference mode
+    L2-normalise again (§3). This is open_clip's own `build_zero_shot_classifier` (which
+    returns (d, C)), transposed for the head; the text tower runs in fp32 without gradients."""
+    import open_clip
+    # Fill templates by replacing "{}" (not str.format): a template may hold other braces.
+    fill = [lambda c, t=t: t.replace("{}", c) for t in templates]
+    W = open_clip.build_zero_shot_classifier(model.to(device), tokenizer, classnames, fill,
+                                             num_classes_per_batch=classes_per_batch,
+                                             device=device)
+    return W.T.float().contiguous()                                      # (C, d)
 
 
 # ============================================================================================
@@ -335,7 +344,7 @@ def load_classifier(model_dir, device="cpu"):
 
 
 # ============================================================================================
-# WiSE-FT (Wortsman et al. 2022; METHOD.md §3)
+# WiSE-FT (Wortsman et al. 2022)
 # ============================================================================================
 
 def wise_ft(state0, state1, alpha):

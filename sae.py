@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from data import atomic_write  # temp file + os.replace: a crash keeps the old file
+from runs import atomic_write  # temp file + os.replace: a crash keeps the old file
 from losses import at_least_fp32, topk_encode
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"

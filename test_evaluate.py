@@ -21,6 +21,7 @@ import data
 import evaluate
 import losses
 import models
+import runs
 from sae import TopKSAE
 
 HERE = Path(__file__).parent
@@ -140,7 +141,7 @@ def test_chunked_sae_metrics_match_the_whole_set():
 
 
 def test_model_state_wise_endpoints(tiny_clip_dir, tmp_path):
-    run = evaluate.read_run(save_run(tmp_path / "run", tiny_clip_dir, ["a", "b", "c"]))
+    run = runs.read_run(save_run(tmp_path / "run", tiny_clip_dir, ["a", "b", "c"]))
     zs, _, _, _ = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None, ["a", "b", "c"],
                                               ["a photo of a {}."])
     zs_state = evaluate.cpu_state(zs)
@@ -323,9 +324,18 @@ def test_seeds_table_mean_and_std_over_files(tmp_path, capsys):
 
 
 def test_model_plan_wise_runs_limits_wise_models():
-    runs = [evaluate.Run("runs/a", "a", "none", {}), evaluate.Run("runs/b", "b", "l2", {})]
-    plan = evaluate.model_plan(runs, [0.0, 0.5, 1.0], wise_runs=["runs/a/"])
+    folders = [runs.Run("runs/a", "a", "none", {}), runs.Run("runs/b", "b", "l2", {})]
+    plan = evaluate.model_plan(folders, [0.0, 0.5, 1.0], wise_runs=["runs/a/"])
     kinds = [(s.kind, s.run.name if s.run else None) for s in plan]
     assert kinds.count(("wise-ft", "a")) == 3 and ("wise-ft", "b") not in kinds
     assert ("ft", "b") in kinds
-    assert len(evaluate.model_plan(runs, [0.5])) == 1 + 2 * 2
+    assert len(evaluate.model_plan(folders, [0.5])) == 1 + 2 * 2
+
+
+def test_report_cli_needs_a_known_command(capsys):
+    """report.py is the command behind `evaluate.py plot|seeds`; unknown commands are one line."""
+    import report
+    for argv, says in ((["frontier?"], "unknown command"), ([], "usage")):
+        with pytest.raises(SystemExit) as e:
+            report.main(argv)
+        assert str(e.value.code).startswith("error: ") and says in str(e.value.code)

@@ -232,3 +232,41 @@ def test_cache_zero_shot_reuses_the_embeddings_train_sae_cached(tiny_clip_dir, t
     h0 = finetune.zero_shot_cache(f0, dataset, preprocess_val, args)
     assert calls == [] and list(cache.glob("emb-*.safetensors")) == files
     torch.testing.assert_close(h0, h_stage1)
+
+
+def test_finetune_step_accumulation_equals_one_big_batch(tiny_clip_dir, sae_dir):
+    """finetune_step over 2 micro-batches of 4 (--accum-steps 2) makes the same update as one
+    batch of 8: gradients are accumulated as means, so the step is the big batch's step.
+    (SGD, not AdamW: Adam's first step is ≈ lr·sign(g), which magnifies float noise in tiny
+    gradient entries.)"""
+    import copy
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    clf, _, _, _ = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None,
+                                               ["a", "b", "c"], ["{}"])
+    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)
+    sae = models.load_frozen_sae(sae_dir)[0]
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    idx = torch.arange(8)
+    results = []
+    for accum, batches in ((1, [(x, y, idx)]),
+                           (2, [(x[:4], y[:4], idx[:4]), (x[4:], y[4:], idx[4:])])):
+        model = copy.deepcopy(clf).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        args = SimpleNamespace(reg="sae-preserve", amp=False, accum_steps=accum,
+                               label_smoothing=0.0, clip_grad=1.0, lam=1000.0, mu=1.0,
+                               lam_mask=1.0, lam_l1=1e-4, lam_remove=2e-3)
+        phases = []
+        out = finetune.finetune_step(model, f0, sae, opt, batches, args, mark=phases.append)
+        results.append((model.state_dict(), out))
+        assert phases[-1] == "optimiser" and phases.count("forward") == accum
+    (s1, r1), (s2, r2) = results
+    assert set(r1.terms) == {"ce", "res", "pres", "reg"} and r1.acc == r2.acc
+    for name in ("ce", "res", "pres", "reg"):
+        assert r1.terms[name] == pytest.approx(r2.terms[name], rel=1e-5, abs=1e-9)
+    assert r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-4)
+    changed = [k for k in s1 if not torch.equal(s1[k], clf.state_dict()[k])]
+    assert changed                                                    # the step did update
+    for k in s1:
+        torch.testing.assert_close(s1[k], s2[k], rtol=1e-4, atol=1e-6)
+    assert r1.grad_norm > 0

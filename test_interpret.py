@@ -224,7 +224,7 @@ def test_report_end_to_end(setup, tiny_image_dataset):
 def test_bad_input_is_one_error_line(setup, tiny_image_dataset, tmp_path):
     common = ["--sae", setup["sae"], "--data", tiny_image_dataset, "--out", str(tmp_path / "r"),
               "--results", str(tmp_path / "r.jsonl"), "--device", "cpu", "--workers", "0"]
-    cases = [(["report", "--run", str(tmp_path / "nope"), *common], "not a fine-tuned run"),
+    cases = [(["report", "--run", str(tmp_path / "nope"), *common], "run folder not found"),
              (["report", "--run", setup["run"], *common, "--split", "nope"], "split 'nope'"),
              (["report", "--run", setup["run"], *common[:1], str(tmp_path), *common[2:]],
               "sae"),

@@ -23,7 +23,7 @@ SPLITS = {"train", "test", "ood_nocue", "ood_sketch", "ood_pattern"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("toy"))
-    args = tw.get_args(["--out", out, "--tiny", "--n-train", "300", "--seed", "3"])
+    args = tw.parse_args(["--out", out, "--tiny", "--n-train", "300", "--seed", "3"])
     manifest = tw.build(args)
     return out, args, manifest
 
@@ -143,7 +143,7 @@ def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash during pretraining")
     monkeypatch.setattr(tw, "pretrain_clip", crash)
-    args = tw.get_args(["--out", str(tmp_path), "--tiny", "--n-pretrain", "50", "--n-train", "20", "--n-eval", "10"])
+    args = tw.parse_args(["--out", str(tmp_path), "--tiny", "--n-pretrain", "50", "--n-train", "20", "--n-eval", "10"])
     with pytest.raises(RuntimeError):
         tw.build(args)
     # the data was already written (into the temporary folder), yet nothing looks like a world

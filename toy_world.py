@@ -48,12 +48,12 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+import runs
 from data import UserError
 
 # ----------------------------------------------------------------------------- settings
@@ -86,9 +86,9 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 ZS_TEMPLATE = "a photo of a {}."
 
 
-def get_args(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (data/, clip/, world.json go inside)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the world and pretraining")
     p.add_argument("--n-pretrain", type=int, default=40000, help="pretraining images (all styles, random marks)")
@@ -465,11 +465,7 @@ def build(args):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    try:
-        build(args)
-    except UserError as e:
-        sys.exit(f"error: {e}")
+    return runs.cli(lambda a: build(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -32,12 +31,13 @@ import losses
 from data import (UserError, cached_embeddings, embedding_cache_key, extract_embeddings,
                   load_image_dataset, make_loader)
 from models import load_clip, model_identity
+import runs
 from sae import TopKSAE
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", required=True, help="open_clip model: built-in name (ViT-B-16-quickgelu), "
                    "'hf-hub:org/repo' or 'local-dir:/path'")
@@ -134,7 +134,7 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
 
 @torch.no_grad()
 def held_out_report(sae, h, batch_size):
-    """FVU, mean cos(x, x̃), L0 and dead fraction on held-out embeddings (METHOD §1)."""
+    """FVU, mean cos(x, x̃), L0 and dead fraction on held-out embeddings (§3)."""
     xs, x_hats, zs = [], [], []
     for i in range(0, len(h), batch_size):
         out = sae(h[i:i + batch_size])
@@ -205,7 +205,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UserError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    runs.cli(main)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU benchmark (issue 6): bench.py on open_clip's ViT-B-16 with random weights (no download),
+# GPU benchmark: bench.py on open_clip's ViT-B-16 with random weights (no download),
 # batch 128 bf16, memory comparison at batch 64. Run from the repository root on a GPU machine
 # with no internet:
 #     OUT=/some/dir bash scripts/bench_gpu.sh

@@ -41,7 +41,6 @@ probe set over training; METHOD §4), summary.json.
 """
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
@@ -144,7 +143,8 @@ def parse_args(argv=None):
                    help="bf16 autocast (CUDA only; CPU runs stay fp32)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in backward: much less memory, one extra forward "
-                   "of compute")
+                   "of compute (ViT and timm towers; ModifiedResNet has none: a warning, then "
+                   "training without)")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its "
@@ -466,9 +466,11 @@ def train(args):
     if sae is not None and sae.d != config["embed_dim"]:
         raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
                         f"{config['embed_dim']}: {args.sae} was trained on another model")
-    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)          # θ0, never updated
-    clf.train()
-    clf.set_grad_checkpointing(args.grad_checkpointing)
+    f0 = models.frozen_copy(clf.visual)          # θ0, never updated (BatchNorm: running stats)
+    clf.train()                                  # fθ: BatchNorm normalises by batch statistics
+    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing:
+        print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
+              "checkpointing; training without it (more memory)", file=sys.stderr)
     images = SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
     h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
         else None
@@ -529,7 +531,8 @@ def train(args):
                                        lam_l1=args.lam_l1, lam_mask=args.lam_mask,
                                        lam_remove=args.lam_remove)      # λ·R in "reg"
             loss = ce + terms["reg"]                                     # L = CE + λ·R (§5)
-            (loss / args.accum_steps).backward()
+            with models.batchnorm_stats_kept(clf.visual, args.grad_checkpointing):
+                (loss / args.accum_steps).backward()      # recomputation: no 2nd BN update
             for name, v in {"ce": ce, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
             correct += (logits.argmax(-1) == y).sum()

@@ -45,7 +45,6 @@ Prints a Markdown table for the README and, with --out, writes every number as J
 """
 import argparse
 import concurrent.futures
-import copy
 import io
 import json
 import math
@@ -266,7 +265,7 @@ def build(name, num_classes, device, seed, expansion, k, grad_checkpointing=Fals
     cfg = model_cfg(name)
     W = F.normalize(torch.randn(num_classes, cfg["embed_dim"]), dim=-1)   # (C, d) cosine head
     clf = models.ImageClassifier(models.build_visual(cfg), W, 100.0).to(device)
-    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)
+    f0 = models.frozen_copy(clf.visual)
     clf.train()
     clf.set_grad_checkpointing(grad_checkpointing)
     d = cfg["embed_dim"]

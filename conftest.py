@@ -4,6 +4,8 @@ Nothing here downloads anything: the hub is switched off for the whole test sess
 the scripts the tests start, which inherit the environment).
 
     tiny_clip_dir       a `local-dir:` open_clip model (embed_dim 64, 32-px images, ~3.4 M params)
+    write_tiny_model    the same from any open_clip model_cfg (TINY_FAMILIES: one per image-tower
+                        family — ViT, ViT + QuickGELU, ModifiedResNet, a timm ConvNeXt)
     tiny_image_dataset  a save_to_disk DatasetDict, 4 classes, train 64 / test 32, 32-px images
     tiny_image_folder   the same kind of images as class sub-folders of PNG files
 """
@@ -38,18 +40,39 @@ TINY_PREPROCESS_CFG = {"size": 32, "mean": [0.48145466, 0.4578275, 0.40821073],
 SHAPE_CLASSES = ["red square", "green circle", "blue triangle", "yellow cross"]
 
 
-def write_tiny_clip(path, seed=0):
-    """Write a random tiny open_clip model as a `local-dir:` folder; returns the path."""
+# One tiny config per image-tower family open_clip builds (open_clip.model._build_vision_tower),
+# all with TINY_CLIP_CFG's text tower and embed_dim 64, all for 32-px images, random weights.
+TINY_FAMILIES = {
+    "vit": TINY_CLIP_CFG,
+    "vit-quickgelu": dict(TINY_CLIP_CFG, quick_gelu=True),        # OpenAI's activation
+    # ModifiedResNet (OpenAI's RN50/RN101 family; BatchNorm): `layers` a list; 32 px is the
+    # smallest size (total stride 32); attention-pool heads = width·32 / head_width = 4.
+    "modified-resnet": dict(TINY_CLIP_CFG, vision_cfg={
+        "image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64}),
+    # A timm trunk: timm's own tiny test ConvNeXt (0.27 M params), random init, no download.
+    "timm-convnext": dict(TINY_CLIP_CFG, vision_cfg={
+        "image_size": 32, "timm_model_name": "test_convnext", "timm_model_pretrained": False,
+        "timm_pool": "avg", "timm_proj": "linear"}),
+}
+
+
+def write_tiny_model(path, model_cfg, seed=0):
+    """Write a random open_clip model of `model_cfg` as a `local-dir:` folder; returns the path."""
     import open_clip
     from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    model = open_clip.CLIP(**model_cfg)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(path, "open_clip_model.safetensors"))
     with open(os.path.join(path, "open_clip_config.json"), "w") as f:
-        json.dump({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": TINY_PREPROCESS_CFG}, f)
+        json.dump({"model_cfg": model_cfg, "preprocess_cfg": TINY_PREPROCESS_CFG}, f)
     return path
+
+
+def write_tiny_clip(path, seed=0):
+    """Write the random tiny ViT open_clip model as a `local-dir:` folder; returns the path."""
+    return write_tiny_model(path, TINY_CLIP_CFG, seed)
 
 
 def shape_image(label, rng, size=32):

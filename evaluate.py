@@ -4,8 +4,9 @@ shift and representation drift against the zero-shot model (§4, §6).
 Models (rows of the table; θ0 = the zero-shot classifier, θ1 = a fine-tuned run):
     zero-shot   θ0: the CLIP image tower + zero-shot head (class names × templates, §3)
     FT          θ1: each --runs folder (finetune.py output: model.safetensors + config.json)
-    WiSE-FT α   θ_α = (1 − α)·θ0 + α·θ1 over every parameter, head included (Wortsman et al.
-                2022); --wise-alphas 0.5 (default) or `sweep` = 0, 0.1, …, 1
+    WiSE-FT α   θ_α = (1 − α)·θ0 + α·θ1 over every parameter and BatchNorm statistic, head
+                included (Wortsman et al. 2022); --wise-alphas 0.5 (default) or `sweep` =
+                0, 0.1, …, 1
     Rep. Avg.   the averaged embeddings (h0 + h1)/2 (§4); representation metrics only
 
 For each (model, eval set) the images are embedded once, h = f(img) (N, d), and both the accuracy

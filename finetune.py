@@ -44,10 +44,10 @@ step: every loss term), probe.jsonl (FVU and feature overlap of the zero-shot SA
 probe set over training, §4), summary.json.
 """
 import argparse
-import copy
 import itertools
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -143,7 +143,8 @@ def parse_args(argv=None):
                    help="bf16 autocast (CUDA only; CPU runs stay fp32)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in backward: much less memory, one extra forward "
-                   "of compute")
+                   "of compute (ViT and timm towers; ModifiedResNet has none: a warning, then "
+                   "training without)")
     g = p.add_argument_group("run")
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its "
@@ -219,7 +220,8 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
                                    lam_remove=args.lam_remove)            # λ·R in "reg"
         loss = ce + terms["reg"]                                          # L = CE + λ·R (§5)
         mark("loss")
-        (loss / args.accum_steps).backward()                              # accumulate
+        with models.batchnorm_stats_kept(clf.visual):  # checkpointing re-runs BN forward
+            (loss / args.accum_steps).backward()                          # accumulate
         mark("backward")
         for name, v in {"ce": ce, **terms}.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
@@ -343,9 +345,11 @@ def train(args):
     if sae is not None and sae.d != config["embed_dim"]:
         raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
                         f"{config['embed_dim']}: {args.sae} was trained on another model")
-    f0 = copy.deepcopy(clf.visual).eval().requires_grad_(False)          # θ0, never updated
-    clf.train()
-    clf.set_grad_checkpointing(args.grad_checkpointing)
+    f0 = models.frozen_copy(clf.visual)          # θ0, never updated (BatchNorm: running stats)
+    clf.train()                                  # fθ: BatchNorm normalises by batch statistics
+    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing:
+        print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
+              "checkpointing; training without it (more memory)", file=sys.stderr)
     images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
     h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
         else None

@@ -8,9 +8,12 @@ checkpoints, and WiSE-FT weight interpolation.
 
 The paper's §3: the zero-shot head (per class, embed every template, L2-normalise each,
 average, L2-normalise again) and the recipe (WiSE-FT θ_α = (1 − α)θ0 + αθ1 over every
-parameter, head included). A checkpoint is `model.safetensors` + `config.json`; the config holds everything
-that rebuilds the architecture, so loading one never downloads anything.
+parameter and BatchNorm statistic, head included). A checkpoint is `model.safetensors` +
+`config.json`; the config holds everything that rebuilds the architecture, so loading one never
+downloads anything.
 """
+import contextlib
+import copy
 import json
 import os
 import sys
@@ -285,7 +288,44 @@ class ImageClassifier(nn.Module):
         return self.head(F.normalize(h, dim=-1)), h
 
     def set_grad_checkpointing(self, on=True):
+        """Ask the image tower to recompute activations in backward; returns whether it does.
+
+        open_clip's ViT and timm trunks flag it on a sub-module (`grad_checkpointing`);
+        ModifiedResNet (RN50 & co.) has none and ignores the request."""
         self.visual.set_grad_checkpointing(on)
+        return any(getattr(m, "grad_checkpointing", False) for m in self.visual.modules())
+
+
+def frozen_copy(visual):
+    """f0 = θ0 for fine-tuning: a deep copy in eval mode without gradients. Its BatchNorm layers
+    (ModifiedResNet, some timm trunks) normalise with their running statistics and never update
+    them, so f0 stays the zero-shot model however often it runs."""
+    return copy.deepcopy(visual).eval().requires_grad_(False)
+
+
+def batchnorm_buffers(module):
+    """{name: buffer} of every BatchNorm layer in `module` (running mean / var, step counter)."""
+    return {f"{n}.{b}": t for n, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for b, t in m.named_buffers(recurse=False) if t is not None}
+
+
+@contextlib.contextmanager
+def batchnorm_stats_kept(module, on=True):
+    """Put every BatchNorm buffer of `module` back as it was on entry, on exit (when `on`).
+
+    For backward under gradient checkpointing: a checkpointed segment re-runs its forward in
+    backward, and a train-mode BatchNorm would update its running statistics a second time for
+    the same batch. The gradients are unaffected (train mode normalises with batch statistics)."""
+    saved = {k: t.clone() for k, t in batchnorm_buffers(module).items()} if on else {}
+    try:
+        yield
+    finally:
+        if saved:
+            live = batchnorm_buffers(module)
+            with torch.no_grad():
+                for k, t in saved.items():
+                    live[k].copy_(t)
 
 
 def zero_shot_classifier(model_name, pretrained, classnames, templates, device="cpu",
@@ -347,10 +387,21 @@ def load_classifier(model_dir, device="cpu"):
 # WiSE-FT (Wortsman et al. 2022)
 # ============================================================================================
 
-def wise_ft(state0, state1, alpha):
-    """θ_α = (1 − α)·θ0 + α·θ1 for every floating tensor (image tower and head alike).
+# Integer counters that training advances and that no eval-mode forward reads: BatchNorm's
+# num_batches_tracked (batches seen by its running statistics; used only by a train-mode
+# BatchNorm with momentum=None).
+STEP_COUNTERS = ("num_batches_tracked",)
 
-    α = 0 gives θ0 and α = 1 gives θ1 exactly. Non-floating tensors must agree and are kept.
+
+def wise_ft(state0, state1, alpha):
+    """θ_α = (1 − α)·θ0 + α·θ1 for every floating tensor: the parameters (image tower and head
+    alike) and the floating buffers, BatchNorm's running mean and variance included — the
+    WiSE-FT authors interpolate the whole state dict too. The interpolated running statistics
+    are the same convex mix of θ0's and θ1's, not re-estimated for θ_α (eval mode uses them).
+
+    Integer step counters (STEP_COUNTERS) are no weights: θ_α takes θ1's for α > 0 and θ0's at
+    α = 0. Every other non-floating tensor must agree and is kept. α = 0 gives θ0 and α = 1
+    gives θ1 exactly.
     """
     if state0.keys() != state1.keys():
         diff = sorted(set(state0) ^ set(state1))
@@ -362,6 +413,8 @@ def wise_ft(state0, state1, alpha):
             raise UserError(f"WiSE-FT: {k} has shape {tuple(a.shape)} vs {tuple(b.shape)}")
         if a.is_floating_point():
             out[k] = (1 - alpha) * a + alpha * b.to(a.dtype)
+        elif k.rsplit(".", 1)[-1] in STEP_COUNTERS:
+            out[k] = (b if alpha > 0 else a).clone()
         elif torch.equal(a, b):
             out[k] = a.clone()
         else:

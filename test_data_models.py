@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import conftest
 import data
 import models
 from data import UserError
@@ -420,6 +421,45 @@ def test_wise_ft_on_classifiers(tiny_clip_dir):
     mid = models.wise_ft(s0, s1, 0.5)
     assert torch.allclose(mid["head.weight"], s0["head.weight"] + 0.5)
     clf0.load_state_dict(mid, strict=True)
+
+
+def test_wise_ft_batchnorm_statistics_and_step_counters():
+    """Running mean / variance are interpolated like weights; BatchNorm's integer step counter
+    comes from θ1 for α > 0 and from θ0 at α = 0; other integer tensors must still agree."""
+    s0 = {"bn.weight": torch.ones(3), "bn.running_mean": torch.zeros(3),
+          "bn.running_var": torch.ones(3), "bn.num_batches_tracked": torch.tensor(0)}
+    s1 = {"bn.weight": torch.full((3,), 3.0), "bn.running_mean": torch.full((3,), 2.0),
+          "bn.running_var": torch.full((3,), 5.0), "bn.num_batches_tracked": torch.tensor(40)}
+    mid = models.wise_ft(s0, s1, 0.25)
+    assert torch.equal(mid["bn.running_mean"], torch.full((3,), 0.5))
+    assert torch.equal(mid["bn.running_var"], torch.full((3,), 2.0))
+    assert mid["bn.num_batches_tracked"].item() == 40
+    assert mid["bn.num_batches_tracked"].dtype == torch.int64
+    for alpha, want in ((0.0, s0), (1.0, s1)):
+        got = models.wise_ft(s0, s1, alpha)
+        assert all(torch.equal(got[k], want[k]) for k in want), alpha
+    s0["bn.index"], s1["bn.index"] = torch.tensor([0, 1]), torch.tensor([1, 0])
+    with pytest.raises(UserError, match="non-floating tensor bn.index differs"):
+        models.wise_ft(s0, s1, 0.5)
+
+
+def test_wise_ft_on_a_batchnorm_classifier(tmp_path):
+    """A ModifiedResNet (RN50 family) classifier whose BatchNorm buffers fine-tuning moved:
+    θ_α loads strictly, and its running statistics lie between θ0's and θ1's."""
+    clip = conftest.write_tiny_model(tmp_path / "rn", conftest.TINY_FAMILIES["modified-resnet"])
+    clf, _, _, _ = models.zero_shot_classifier(f"local-dir:{clip}", None, ["a", "b"], ["{}"])
+    s0 = {k: v.clone() for k, v in clf.state_dict().items()}
+    clf.train()
+    with torch.no_grad():
+        clf(torch.randn(4, 3, 32, 32) + 2)           # a train-mode pass moves the statistics
+    s1 = {k: v.clone() for k, v in clf.state_dict().items()}
+    assert s1["visual.bn1.num_batches_tracked"].item() == 1
+    mid = models.wise_ft(s0, s1, 0.5)
+    clf.load_state_dict(mid, strict=True)
+    m0, m1 = s0["visual.bn1.running_mean"], s1["visual.bn1.running_mean"]
+    assert not torch.equal(m0, m1)
+    assert torch.allclose(clf.state_dict()["visual.bn1.running_mean"], (m0 + m1) / 2)
+    assert clf.state_dict()["visual.bn1.num_batches_tracked"].item() == 1
 
 
 def test_sae_trained_on_compares_models_not_spellings(tmp_path, monkeypatch):

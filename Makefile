@@ -71,4 +71,23 @@ demo-run:
 	@$(PY) report.py plot $(DEMO)/results.jsonl --out $(DEMO)/wise_ft.png
 	@echo "demo outputs in $(DEMO): results.jsonl, wise_ft.png, probes.png, report_*/report.md"
 
-.PHONY: install test demo demo-run
+# ---------------------------------------------------------------------------------------------
+# The ID–OOD frontier sweep (README: "When does SAE-FT beat L2?"): every method as a curve over
+# λ (WiSE-FT over α), 3 seeds, compared at matched ID accuracy. Resumable: re-run the same
+# command after a stop. `make frontier-ablations` sweeps the SAE-FT variants.
+FRONTIER    ?= runs/frontier
+TAG         ?= main
+SEEDS       ?= 0 1 2
+FRONTIER_CURVES ?= l2|--reg l2|100 300 1000 3000\nsae-preserve|--reg sae-preserve|100 300 1000 3000 10000
+ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 1000 3000 10000\npres-only|--reg sae-preserve --mu 0|300 1000 3000 10000\nsae-sparse|--reg sae-sparse|300 1000 3000 10000\nsae-preserve-remove|--reg sae-preserve-remove|300 1000 3000 10000\nlam-mask-10|--reg sae-preserve --lam-mask 10|300 1000 3000 10000
+
+frontier: .venv/installed
+	OMP_NUM_THREADS=$(THREADS) $(PY) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
+	OMP_NUM_THREADS=$(THREADS) WORLD=$(WORLD) OUT=$(FRONTIER) SEEDS="$(SEEDS)" PY=$(PY) \
+	    TAG=$(TAG) CURVES="$$(printf '$(FRONTIER_CURVES)')" SAE_FLAGS="$(SAE_FLAGS)" \
+	    FT_FLAGS="$(FT_FLAGS)" EVAL_FLAGS="$(EVAL_FLAGS)" bash scripts/frontier.sh
+
+frontier-ablations: .venv/installed
+	$(MAKE) --no-print-directory frontier TAG=ablations FRONTIER_CURVES='$(ABLATION_CURVES)'
+
+.PHONY: install test demo demo-run frontier frontier-ablations

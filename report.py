@@ -5,17 +5,22 @@ reads those lines back:
 
     python report.py plot RESULTS.jsonl --out wise_ft.png     the table + the ID-vs-OOD figure
     python report.py seeds SEED0.jsonl SEED1.jsonl ...         mean ± std over seeds (Markdown)
+    python report.py frontier SWEEP/*.jsonl --out frontier.png  each method as an ID–OOD curve,
+                                                               compared at matched ID levels
 
 Re-running an evaluation appends new lines; the latest line of each (model, eval set) wins.
 """
 import argparse
+import math
 import statistics
+import sys
 from pathlib import Path
 
+import losses
 import runs
 from runs import UserError
 
-COMMANDS = ("plot", "seeds")
+COMMANDS = {"plot": "plot_main", "seeds": "seeds_main", "frontier": "frontier_main"}
 
 
 # ============================================================================================
@@ -212,18 +217,248 @@ def seeds_main(argv):
     print(seeds_table(per_seed))
 
 
+# ============================================================================================
+# Frontiers: each method as a curve in the (ID, OOD-mean) plane, compared at matched ID
+# ============================================================================================
+# Robust fine-tuning trades ID accuracy against OOD accuracy, so a method is a curve, not a
+# point: over λ for a regulariser (λ = 0 is standard fine-tuning, λ → ∞ the zero-shot model)
+# and over α for WiSE-FT. One method beats another where its curve lies above the other's at the
+# same ID accuracy. Every seed's curve is read at a few ID levels by linear interpolation along
+# the curve itself; the mean ± std over seeds of those OOD values is what is compared.
+
+def curve_of(record):
+    """(curve name, parameter) of one evaluated model, or None for the zero-shot model.
+
+    A regularised run is on the curve of its regulariser, at its λ; weights other than λ that
+    differ from the defaults (losses.WEIGHTS) name a variant ("sae-preserve μ=0"). A standard
+    fine-tuning run (reg none) is λ = 0 of every regulariser's curve and α = 1 of WiSE-FT's."""
+    if record["kind"] == "zero-shot":
+        return None
+    if record["kind"] == "wise-ft":
+        return "WiSE-FT", record["alpha"]
+    reg = (record.get("run_config") or {}).get("regulariser") or {"reg": record["method"]}
+    if reg["reg"] == "none":
+        return "none", 0.0
+    variant = [f"{SYMBOLS[k]}={reg[k]:g}" for k in SYMBOLS
+               if k in reg and reg[k] != losses.WEIGHTS[k] and uses(reg["reg"], k)]
+    return " ".join([reg["reg"], *variant]), float(reg.get("lam", float("nan")))
+
+
+SYMBOLS = {"mu": "μ", "lam_mask": "λ_mask", "lam_l1": "λ_l1", "lam_remove": "λ_remove"}
+
+
+def uses(reg, weight):
+    """Whether regulariser `reg` reads `weight` (so that only real variants get a name)."""
+    return {"mu": reg.startswith("sae"), "lam_mask": reg in ("sae-preserve", "sae-preserve-remove"),
+            "lam_l1": reg == "sae-sparse", "lam_remove": reg == "sae-preserve-remove"}[weight]
+
+
+def seed_of(record):
+    return ((record.get("run_config") or {}).get("args") or {}).get("seed")
+
+
+def frontier_curves(records):
+    """(zero-shot (id, ood), {curve: {seed: [(param, id, ood), …] sorted by param}}).
+
+    Each regulariser's curve gets its seed's standard fine-tuning run at λ = 0 and the zero-shot
+    model at λ = ∞, so every curve spans from zero-shot to its own fine-tuned end."""
+    points, _, _ = id_ood_points(records)
+    zero_shot, curves = None, {}
+    for key, (i, o, rec) in points.items():
+        name = curve_of(rec)
+        if name is None:
+            zero_shot = (i, o)
+            continue
+        curves.setdefault(name[0], {}).setdefault(seed_of(rec), []).append((name[1], i, o))
+    ft = curves.get("none", {})
+    for name, by_seed in curves.items():
+        if name in ("none", "WiSE-FT"):
+            continue
+        for seed, pts in by_seed.items():
+            pts += [(0.0, i, o) for _, i, o in ft.get(seed, [])]
+            if zero_shot is not None:
+                pts.append((math.inf, *zero_shot))
+    for by_seed in curves.values():
+        for pts in by_seed.values():
+            pts.sort(key=lambda p: p[0])
+    return zero_shot, curves
+
+
+def ood_at(path, level):
+    """OOD accuracy of a curve at ID accuracy `level`: linear interpolation along the curve's
+    path [(param, id, ood), …] (in parameter order); where the path crosses `level` more than
+    once, the best crossing; None where it never reaches `level`."""
+    found = []
+    for (_, i0, o0), (_, i1, o1) in zip(path, path[1:]):
+        if min(i0, i1) <= level <= max(i0, i1):
+            found.append(max(o0, o1) if i0 == i1 else o0 + (level - i0) / (i1 - i0) * (o1 - o0))
+    if not found and len(path) == 1 and path[0][1] == level:
+        found.append(path[0][2])
+    return max(found) if found else None
+
+
+def matched_id(curves, levels):
+    """{curve: {level: (mean, std, n seeds)}}: each seed's curve read at each ID level, then mean
+    and sample std over the seeds that reach it (std 0 for one seed; None where none does)."""
+    out = {}
+    for name, by_seed in curves.items():
+        row = {}
+        for level in levels:
+            vals = [v for v in (ood_at(path, level) for path in by_seed.values()) if v is not None]
+            row[level] = ((statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1
+                           else 0.0, len(vals)) if vals else None)
+        out[name] = row
+    return out
+
+
+def default_levels(curves, count=4):
+    """`count` ID levels spread over the range every curve reaches (all seeds)."""
+    lo = max(max(min(i for _, i, _ in p) for p in by_seed.values()) for by_seed in curves.values())
+    hi = min(min(max(i for _, i, _ in p) for p in by_seed.values()) for by_seed in curves.values())
+    if hi <= lo:
+        raise UserError(f"the curves share no ID range (highest start {lo:.1f}, lowest end "
+                        f"{hi:.1f}): widen the λ grids, or pass --levels")
+    step = (hi - lo) / (count + 1)
+    return [round(lo + step * (j + 1), 2) for j in range(count)]
+
+
+def dominance(table, a, b):
+    """How curve a compares with curve b at the levels both reach: (levels where a is above,
+    levels compared, [mean OOD difference a − b at each], a above b at every level)."""
+    diffs = [table[a][lv][0] - table[b][lv][0] for lv in table[a]
+             if table[a][lv] is not None and table[b].get(lv) is not None]
+    above = sum(d > 0 for d in diffs)
+    return above, len(diffs), diffs, bool(diffs) and above == len(diffs)
+
+
+def frontier_report(table, levels):
+    """Markdown: OOD mean ± std at each matched ID level per curve, then each pair's order."""
+    lines = ["| curve | " + " | ".join(f"OOD @ ID {lv:g}" for lv in levels) + " |",
+             "|---" * (len(levels) + 1) + "|"]
+    for name, row in table.items():
+        cells = ["–" if row[lv] is None else f"{row[lv][0]:.1f} ± {row[lv][1]:.1f} (n={row[lv][2]})"
+                 for lv in levels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    names = list(table)
+    lines.append("")
+    for j, a in enumerate(names):
+        for b in names[j + 1:]:
+            above, n, diffs, _ = dominance(table, a, b)
+            if n:
+                order = (f"{a} above {b}" if above == n else f"{b} above {a}" if above == 0
+                         else f"{a} and {b} cross")
+                lines.append(f"- {order} ({above}/{n} levels; {a} − {b}: "
+                             + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+    return "\n".join(lines)
+
+
+def points_table(records):
+    """Markdown: every point of every curve (curve, λ or α) with ID, OOD mean, and CKA / FVU /
+    feature overlap on the ID set, mean ± std over seeds — what each setting buys."""
+    points, _, _ = id_ood_points(records)
+    cells = {}
+    for i, o, rec in points.values():
+        name = curve_of(rec) or ("zero-shot", None)
+        vals = (i, o, rec.get("cka"), rec.get("fvu"), rec.get("overlap"))
+        cells.setdefault(name, []).append(vals)
+    cols = ("ID", "OOD mean", "CKA", "FVU", "pres.")
+    lines = ["| curve | λ / α | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    order = sorted(cells, key=lambda k: (k[0] != "zero-shot", k[0], -1 if k[1] is None
+                                         else k[1]))
+    for name, param in order:
+        row = []
+        for j, col in enumerate(cols):
+            vals = [v[j] for v in cells[(name, param)] if v[j] is not None]
+            digits = 1 if j < 2 else 3
+            row.append("–" if not vals else f"{statistics.mean(vals):.{digits}f}" +
+                       (f" ± {statistics.stdev(vals):.{digits}f}" if len(vals) > 1 else ""))
+        label = "" if param is None else f"{param:g}"
+        lines.append(f"| {name} | {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
+    """Mean curve over seeds per method (points matched by parameter), ± std as error bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 5))
+    for name, by_seed in curves.items():
+        params = sorted({p for path in by_seed.values() for p, _, _ in path})
+        xs, ys, ex, ey = [], [], [], []
+        for p in params:
+            pts = [(i, o) for path in by_seed.values() for q, i, o in path if q == p]
+            xs.append(statistics.mean(i for i, _ in pts))
+            ys.append(statistics.mean(o for _, o in pts))
+            ex.append(statistics.stdev([i for i, _ in pts]) if len(pts) > 1 else 0)
+            ey.append(statistics.stdev([o for _, o in pts]) if len(pts) > 1 else 0)
+        style = "o" if name == "none" else ".-"
+        ax.errorbar(xs, ys, xerr=ex, yerr=ey, fmt=style, capsize=2, label=name)
+    if zero_shot is not None:
+        ax.scatter([zero_shot[0]], [zero_shot[1]], marker="*", s=220, c="k", zorder=3,
+                   label="zero-shot")
+    for lv in levels:
+        ax.axvline(lv, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel(f"ID top-1 (%), {id_name}")
+    ax.set_ylabel("OOD mean top-1 (%)" + (f", {', '.join(ood_names)}" if ood_names else ""))
+    ax.set_title("ID–OOD frontiers (mean ± std over seeds; dotted: matched ID levels)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def frontier_main(argv):
+    p = argparse.ArgumentParser(prog="report.py frontier", description="Each method as an "
+                                "ID–OOD curve over λ (or α), read at matched ID levels: a "
+                                "Markdown table of OOD mean ± std over seeds, which curve lies "
+                                "above which, and the figure.", formatter_class=runs.HelpFormatter)
+    p.add_argument("results", nargs="+", help="results JSONL files of the sweep's runs (any "
+                   "split into files; the seed is read from each run's config)")
+    p.add_argument("--levels", default=None, help="comma-separated ID levels (%%) at which to "
+                   "compare (default: 4 spread over the ID range every curve reaches)")
+    p.add_argument("--out", default="frontier.png", help="PNG of the curves")
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = p.parse_args(argv)
+    records = [r for path in args.results for r in runs.read_jsonl(path)]
+    zero_shot, curves = frontier_curves(records)
+    compared = {k: v for k, v in curves.items() if k != "none"}  # standard FT is one point
+    if not compared:
+        raise UserError("no regularised or WiSE-FT models in the results: a frontier needs a "
+                        "sweep over λ (or WiSE-FT's α)")
+    try:
+        levels = [float(v) for v in args.levels.split(",")] if args.levels else None
+    except ValueError:
+        raise UserError(f"--levels {args.levels!r}: give numbers separated by commas") from None
+    if levels is None:
+        try:
+            levels = default_levels(compared)
+        except UserError as e:  # still write the points table and the figure
+            print(f"warning: {e}", file=sys.stderr)
+            levels = []
+    text = (frontier_report(matched_id(compared, levels), levels) + "\n\nEvery point "
+            "(mean ± std over seeds; CKA, FVU, pres. on the ID set):\n\n" + points_table(records))
+    print(text)
+    _, id_name, ood = id_ood_points(records)
+    frontier_plot(zero_shot, curves, levels, args.out, id_name, ood)
+    if args.markdown:
+        runs.atomic_write(args.markdown, lambda tmp: Path(tmp).write_text(text + "\n"))
+    print(f"wrote {args.out}")
+
+
 def main(argv=None):
-    """`report.py plot ...` or `report.py seeds ...`."""
+    """`report.py plot|seeds|frontier ...`."""
     def run(argv):
-        if argv[:1] in (["-h"], ["--help"]) or not argv:
+        if argv[:1] in (["-h"], ["--help"]):
             print(__doc__)
-            if not argv:
-                raise UserError(f"usage: report.py {{{','.join(COMMANDS)}}} ... (--help after "
-                                "either for its options)")
             return None
+        if not argv:
+            raise UserError(f"usage: report.py {{{','.join(COMMANDS)}}} ... (--help after "
+                            "any of them for its options)")
         if argv[0] not in COMMANDS:
             raise UserError(f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-        return (plot_main if argv[0] == "plot" else seeds_main)(argv[1:])
+        return globals()[COMMANDS[argv[0]]](argv[1:])
     return runs.cli(run, argv)
 
 

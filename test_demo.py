@@ -4,6 +4,7 @@ commands, with a few steps per stage. Checks every output exists and every metri
 and in range."""
 import json
 import math
+import os
 import shutil
 import subprocess
 
@@ -20,9 +21,24 @@ TINY = {
 }
 
 
-@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-def test_tiny_demo_end_to_end(tmp_path):
-    world, demo = tmp_path / "world", tmp_path / "demo"
+needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny toy world, built once for both tests (the Makefile targets find it cached)."""
+    path = tmp_path_factory.mktemp("toy") / "world"
+    r = subprocess.run(["make", "--no-print-directory", "-s", "install"], capture_output=True)
+    cmd = [".venv/bin/python", "toy_world.py", "--out", str(path), "--tiny"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
+                                                                "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return path
+
+
+@needs_make
+def test_tiny_demo_end_to_end(world, tmp_path):
+    demo = tmp_path / "demo"
     cmd = ["make", "--no-print-directory", "demo-run", f"WORLD={world}", f"DEMO={demo}",
            *(f"{k}={v}" for k, v in TINY.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -46,3 +62,24 @@ def test_tiny_demo_end_to_end(tmp_path):
         assert 0 <= rec["cka"] <= 1 + 1e-6 and 0 <= rec["overlap"] <= 1
         assert math.isfinite(rec["fvu"]) and rec["fvu"] >= 0
     assert "OOD mean" in r.stdout and "zero-shot" in r.stdout.split("OOD mean")[-1]
+
+
+@needs_make
+def test_tiny_frontier_sweep_end_to_end_and_resumable(world, tmp_path):
+    """`make frontier` on the tiny world: 2 seeds × (standard FT + L2 at one λ), the per-seed
+    evaluations, the frontier table and figure; a second call finds everything done."""
+    out = tmp_path / "frontier"
+    cmd = ["make", "--no-print-directory", "frontier", f"WORLD={world}", f"FRONTIER={out}",
+           "SEEDS=0 1", "FRONTIER_CURVES=l2|--reg l2|1000",
+           *(f"{k}={v}" for k, v in TINY.items() if k != "REPORT_FLAGS")]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    table = (out / "frontier_main.md").read_text()
+    assert "| l2 | 1000 |" in table and "| WiSE-FT | 0.5 |" in table
+    assert (out / "frontier_main.png").is_file()
+    for seed in (0, 1):
+        records = [json.loads(x) for x in (out / f"seed{seed}" / "results_main.jsonl").open()]
+        assert {r["run_config"].get("args", {}).get("seed") for r in records
+                if r["kind"] != "zero-shot"} == {seed}
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0 and "run:" not in again.stdout and "done:" in again.stdout

@@ -110,14 +110,32 @@ def id_ood_points(records):
     return points, ids[0], ood
 
 
-def plot(records, out):
-    """ID accuracy vs OOD-mean accuracy: the zero-shot point, each fine-tuned endpoint, and the
-    WiSE-FT curve θ0 → θ_α → θ1 of every run (Wortsman et al. 2022, Fig. 1)."""
+def new_figure():
+    """(fig, ax) of an ID-vs-OOD figure, drawn off-screen."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(figsize=(6.4, 5))
+
+
+def finish_figure(fig, ax, out, id_name, ood_names, title):
+    """Axis labels, title, grid and legend; save to `out` (PNG) and close."""
+    import matplotlib.pyplot as plt
+    ax.set_xlabel(f"ID top-1 (%), {id_name}")
+    ax.set_ylabel("OOD mean top-1 (%)" + (f", {', '.join(ood_names)}" if ood_names else ""))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot(records, out):
+    """ID accuracy vs OOD-mean accuracy: the zero-shot point, each fine-tuned endpoint, and the
+    WiSE-FT curve θ0 → θ_α → θ1 of every run (Wortsman et al. 2022, Fig. 1)."""
     points, id_name, ood = id_ood_points(records)
-    fig, ax = plt.subplots(figsize=(6.4, 5))
+    fig, ax = new_figure()
     zs = {k[:2]: p for k, p in points.items() if k[2] == "zero-shot"}
     for (clip, _), (x, y, _) in zs.items():
         ax.scatter([x], [y], marker="*", s=220, c="k", zorder=3,
@@ -135,14 +153,7 @@ def plot(records, out):
             ax.annotate(f"{a:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         for x, y, _ in ft:
             ax.scatter([x], [y], marker="o", s=60, color=line.get_color(), zorder=3)
-    ax.set_xlabel(f"ID top-1 (%), {id_name}")
-    ax.set_ylabel(f"OOD mean top-1 (%), {', '.join(ood)}")
-    ax.set_title("WiSE-FT: zero-shot (★) → α → fine-tuned (●)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    finish_figure(fig, ax, out, id_name, ood, "WiSE-FT: zero-shot (★) → α → fine-tuned (●)")
 
 
 def plot_main(argv):
@@ -379,10 +390,7 @@ def points_table(records):
 
 def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
     """Mean curve over seeds per method (points matched by parameter), ± std as error bars."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 5))
+    fig, ax = new_figure()
     for name, by_seed in curves.items():
         params = sorted({p for path in by_seed.values() for p, _, _ in path})
         xs, ys, ex, ey = [], [], [], []
@@ -399,14 +407,8 @@ def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
                    label="zero-shot")
     for lv in levels:
         ax.axvline(lv, color="grey", lw=0.5, ls=":")
-    ax.set_xlabel(f"ID top-1 (%), {id_name}")
-    ax.set_ylabel("OOD mean top-1 (%)" + (f", {', '.join(ood_names)}" if ood_names else ""))
-    ax.set_title("ID–OOD frontiers (mean ± std over seeds; dotted: matched ID levels)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    finish_figure(fig, ax, out, id_name, ood_names,
+                  "ID–OOD frontiers (mean ± std over seeds; dotted: matched ID levels)")
 
 
 def frontier_main(argv):

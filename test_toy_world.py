@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest -q test_toy_world.py
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -149,3 +150,22 @@ def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
     # the data was already written (into the temporary folder), yet nothing looks like a world
     assert not (tmp_path / "world.json").exists()
     assert not (tmp_path / "data").exists() and not (tmp_path / "clip").exists()
+
+
+def test_crowd_world_draws_the_label_large_among_other_classes():
+    """--world crowd: every image holds its class's shape large and 2 small shapes of 2 other
+    classes; the marks world's images are not changed by it, and the two worlds have different
+    cache keys (the marks world's key is the one it always had)."""
+    crowd, y, captions = tw.draw_split(0, "train", 40, "photo", cue_rate=0.9,
+                                       distractors=tw.CROWD_DISTRACTORS)
+    plain, y_plain, _ = tw.draw_split(0, "train", 40, "photo", cue_rate=0.9)
+    for label, caption in zip(y, captions):
+        big = caption.split(" with a small ")[0].split()[-1]
+        small = re.findall(r"a small (\w+)", caption)
+        assert big == tw.CLASSES[label] and len(set(small)) == 2 and big not in small, caption
+        assert set(small) <= set(tw.CLASSES)
+    assert not np.array_equal(crowd, plain)
+    args = {w: tw.parse_args(["--out", "x", "--world", w]) for w in ("marks", "crowd")}
+    assert "world" not in tw.settings(args["marks"])
+    assert tw.settings(args["crowd"])["world"] == "crowd"
+    assert list(y_plain[:10]) == list(tw.draw_split(0, "train", 10, "photo", cue_rate=0.9)[1])

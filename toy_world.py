@@ -76,6 +76,7 @@ PATTERN_COLOURS = [c for c in COLOURS if c != "white"]  # white stripes vanish o
 PRETRAIN_STYLE_P = (0.5, 0.25, 0.25)  # photo / sketch / pattern share of the pretraining set
 PRETRAIN_MARK_P = 0.5                 # share of pretraining images carrying a random-colour mark
 WORLD_VERSION = 2                     # bump when the drawing changes, so old cached worlds stop matching
+CROWD_DISTRACTORS = 2                 # crowd world: small shapes of other classes in every image
 
 # the tiny CLIP (checked config, ECOSYSTEM.md); ~3.4 M parameters, most in the token embedding
 CLIP_CFG = {"embed_dim": 64,
@@ -91,6 +92,10 @@ def parse_args(argv=None):
                                 formatter_class=runs.HelpFormatter)
     p.add_argument("--out", required=True, help="output folder (data/, clip/, world.json go inside)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing the world and pretraining")
+    p.add_argument("--world", choices=("marks", "crowd"), default="marks",
+                   help="marks: one shape per image + the spurious corner mark (the demo's world); "
+                        "crowd: the same, plus small distractor shapes of other classes in every "
+                        "fine-tuning image, the label being the large one (same tiny CLIP)")
     p.add_argument("--n-pretrain", type=int, default=40000, help="pretraining images (all styles, random marks)")
     p.add_argument("--n-train", type=int, default=5000, help="fine-tuning train images")
     p.add_argument("--n-eval", type=int, default=2000, help="images in test and in each ood_* split")
@@ -177,14 +182,20 @@ def _gradient(rng, size, amp):
     return (1 + amp * ramp / np.sqrt(2))[..., None]
 
 
-def render(rng, cls, style, mark_colour=None):
-    """Draw one image. Returns (uint8 array (32, 32, 3), caption). mark_colour: index or None."""
+def render(rng, cls, style, mark_colour=None, distractors=()):
+    """Draw one image. Returns (uint8 array (32, 32, 3), caption). mark_colour: index or None.
+
+    distractors (the "crowd" world): classes of smaller shapes drawn beside the class's shape,
+    which is then drawn large in the centre; the label stays the large shape."""
     S = IMAGE_SIZE * SUPERSAMPLE
     name = CLASSES[cls]
-    radius = rng.uniform(0.26, 0.36) * S                     # shapes mostly stay clear of the corner marks
-    cx, cy = S / 2 + rng.uniform(-0.1, 0.1, 2) * S
-    angle = rng.uniform(-0.35, 0.35)                         # +-20 deg: a square never becomes a diamond
-    mask_img = shape_mask(name, cx, cy, radius, angle, S)
+    if distractors:
+        mask_img, name = crowd_mask(rng, name, distractors, S)
+    else:
+        radius = rng.uniform(0.26, 0.36) * S                 # shapes mostly stay clear of the corner marks
+        cx, cy = S / 2 + rng.uniform(-0.1, 0.1, 2) * S
+        angle = rng.uniform(-0.35, 0.35)                     # +-20 deg: a square never becomes a diamond
+        mask_img = shape_mask(name, cx, cy, radius, angle, S)
     mask = np.asarray(mask_img, dtype=np.float32)[..., None] / 255
     if style == "photo":
         img, caption = _photo(rng, mask, name)
@@ -199,6 +210,26 @@ def render(rng, cls, style, mark_colour=None):
         y, x = _mark_corner(rng.integers(4))
         img[y:y + MARK_SIZE, x:x + MARK_SIZE] = MARK_COLOURS[mark_colour]
     return img, caption
+
+
+def crowd_mask(rng, name, distractors, S):
+    """(mask, caption name) of a crowd image: the class's shape large in the centre (radius
+    0.22–0.26 of the image) and each distractor class small (0.09–0.11) near the middle of a
+    different edge, away from the corner marks. One mask: every shape gets the same colour
+    or stroke, so only shape tells them apart."""
+    big = shape_mask(name, *(S / 2 + rng.uniform(-0.04, 0.04, 2) * S),
+                     rng.uniform(0.22, 0.26) * S, rng.uniform(-0.35, 0.35), S)
+    union = np.asarray(big, dtype=np.uint8)
+    edges = rng.permutation(4)[:len(distractors)]              # top, right, bottom, left
+    for d, edge in zip(distractors, edges):
+        angle = edge * np.pi / 2 + rng.uniform(-0.15, 0.15)
+        dist = rng.uniform(0.34, 0.37) * S
+        cx, cy = S / 2 + dist * np.sin(angle), S / 2 - dist * np.cos(angle)
+        small = shape_mask(CLASSES[d], cx, cy, rng.uniform(0.09, 0.11) * S,
+                           rng.uniform(-0.35, 0.35), S)
+        union = np.maximum(union, np.asarray(small, dtype=np.uint8))
+    others = " and a small ".join(CLASSES[d] for d in distractors)
+    return Image.fromarray(union), f"{name} with a small {others}"
 
 
 def _mark_corner(corner):
@@ -259,12 +290,13 @@ def _pattern(rng, mask, name):
 
 
 # ----------------------------------------------------------------------------- splits
-def draw_split(seed, split, n, style, cue_rate=None, style_p=None, mark_p=1.0):
+def draw_split(seed, split, n, style, cue_rate=None, style_p=None, mark_p=1.0, distractors=0):
     """Draw n images of one split. Returns (uint8 images (n, 32, 32, 3), labels (n,), captions).
 
     cue_rate=None: the mark (if any, with probability mark_p) has a uniformly random colour.
     cue_rate=p: every image has a mark, of the class's own colour with probability p, else one of the
     other nine colours. style=None draws the style per image from style_p (pretraining).
+    distractors=m (the crowd world): each image also holds m small shapes of other classes.
     """
     # one generator per split, seeded by (seed, split name): splits are independent and reproducible
     rng = np.random.default_rng([seed, *split.encode()])
@@ -280,20 +312,27 @@ def draw_split(seed, split, n, style, cue_rate=None, style_p=None, mark_p=1.0):
             mark = int(y)
         else:
             mark = int((y + rng.integers(1, len(MARK_COLOURS))) % len(MARK_COLOURS))
-        images[i], caption = render(rng, int(y), s, mark)
+        others = ()
+        if distractors:                   # m other classes, drawn small beside the labelled shape
+            others = [int(c) for c in (y + 1 + rng.permutation(len(CLASSES) - 1)[:distractors])
+                      % len(CLASSES)]
+        images[i], caption = render(rng, int(y), s, mark, others)
         captions.append(caption)
     return images, labels, captions
 
 
 def finetune_splits(args):
-    """The splits written to <out>/data: {name: (images, labels, captions)}."""
+    """The splits written to <out>/data: {name: (images, labels, captions)}. The crowd world
+    draws the same splits with CROWD_DISTRACTORS small shapes of other classes in every image."""
     n, seed = args.n_eval, args.seed
+    m = CROWD_DISTRACTORS if args.world == "crowd" else 0
     return {
-        "train": draw_split(seed, "train", args.n_train, "photo", cue_rate=args.cue_rate),
-        "test": draw_split(seed, "test", n, "photo", cue_rate=args.cue_rate),
-        "ood_nocue": draw_split(seed, "ood_nocue", n, "photo"),
-        "ood_sketch": draw_split(seed, "ood_sketch", n, "sketch"),
-        "ood_pattern": draw_split(seed, "ood_pattern", n, "pattern"),
+        "train": draw_split(seed, "train", args.n_train, "photo", cue_rate=args.cue_rate,
+                            distractors=m),
+        "test": draw_split(seed, "test", n, "photo", cue_rate=args.cue_rate, distractors=m),
+        "ood_nocue": draw_split(seed, "ood_nocue", n, "photo", distractors=m),
+        "ood_sketch": draw_split(seed, "ood_sketch", n, "sketch", distractors=m),
+        "ood_pattern": draw_split(seed, "ood_pattern", n, "pattern", distractors=m),
     }
 
 
@@ -410,7 +449,8 @@ def settings(args):
     keys = ("seed", "n_pretrain", "n_train", "n_eval", "cue_rate", "epochs", "batch_size", "lr", "warmup")
     design = {"version": WORLD_VERSION, "mark_size": MARK_SIZE, "pretrain_mark_p": PRETRAIN_MARK_P,
               "pretrain_style_p": list(PRETRAIN_STYLE_P)}
-    return {**design, **{k: getattr(args, k) for k in keys}}
+    crowd = {"world": "crowd", "distractors": CROWD_DISTRACTORS} if args.world == "crowd" else {}
+    return {**design, **crowd, **{k: getattr(args, k) for k in keys}}
 
 
 def build(args):

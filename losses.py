@@ -255,6 +255,28 @@ def feature_entropy(z):
     return H, H / math.log(z.shape[-1])
 
 
+def macro_f1(pred, y):
+    """Macro-F1 over the classes present in y: mean over c ∈ unique(y) of
+    F1_c = 2·TP_c / (2·TP_c + FP_c + FN_c)  (iWildCam's WILDS metric, which passes
+    labels = unique(y_true) to scikit-learn's f1_score). pred, y (N,) integer class ids; a class
+    that is only predicted adds false positives to no averaged class but costs its images' own
+    classes a false negative each."""
+    classes = y.unique()
+    hit, true = pred[:, None] == classes, y[:, None] == classes         # (N, C) each
+    tp = (hit & true).sum(0).double()
+    fp = (hit & ~true).sum(0).double()
+    fn = (~hit & true).sum(0).double()
+    return (2 * tp / (2 * tp + fp + fn)).mean().item()
+
+
+def accuracy_by_group(pred, y, groups):
+    """{group id: (accuracy, count)} over the groups present (FMoW: regions).
+    pred, y, groups (N,) integers."""
+    correct = (pred == y).double()
+    return {int(g): (correct[groups == g].mean().item(), int((groups == g).sum()))
+            for g in groups.unique()}
+
+
 def dead_features(z):
     """Number of SAE features never active (z_i > 0) on any of the N samples. z (N, n)."""
     return int(((z > 0).sum(0) == 0).sum())

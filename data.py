@@ -1,7 +1,8 @@
 """Datasets, evaluation-set definitions, embedding extraction and the on-disk embedding cache.
 
 Every stage reads images through `load_image_dataset` (any source: a `save_to_disk` folder, an
-image folder with one sub-folder per class, or a Hugging Face hub id) and gets back a
+image folder with one sub-folder per class, a folder the `wilds` package wrote, or a Hugging
+Face hub id) and gets back a
 `datasets.Dataset` with exactly two columns, `image` (PIL) and `label` (int), already checked:
 the split and columns exist, it is not empty, the labels are integers.
 
@@ -11,6 +12,11 @@ ImageNet logits into logits over a set's own classes (200-class masks for ImageN
 pooling for ObjectNet). `load_eval_set` loads one and puts its labels into that label space,
 fixing the known traps (ImageNetV2's folders `0…999` sort as strings; ObjectNet folders that are
 not ImageNet classes).
+
+The paper's other two settings are defined the same way: the §6.3 transfer sets in
+`TRANSFER_SETS` (source, split, the CLIP paper's class names; `load_transfer_set` relabels a
+copy by class name), and the §6.4 WILDS datasets in `WILDS_DATA` / `WILDS_SETS`, read from the
+folders the `wilds` package writes (`load_wilds`: its splits, FMoW's years and regions).
 
 Bad user input raises `UserError("what is wrong; how to fix")`; each CLI prints `error: <msg>`
 and exits 1.
@@ -958,7 +964,7 @@ def _fmow_rows(path, split, pd):
     import datasets
     meta = _read_csv(path / "rgb_metadata.csv", ("split", "category", "country_code",
                                                   "timestamp"), pd)
-    year = pd.to_datetime(meta["timestamp"], utc=True).dt.year
+    year = pd.to_datetime(meta["timestamp"], utc=True, format="ISO8601").dt.year
     test_ood, ood = year >= 2016, year >= 2013      # time_after_2016; 3 years before = OOD val
     val_ood = ood & ~test_ood
     masks = {"train": (meta["split"] == "train") & ~ood,

@@ -33,6 +33,9 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
   Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
   exactly where it stopped with the same command plus `--resume`.
+  The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
+  λ_mask = 10 as defaults; losses.regulariser): add `--sae-space raw`. WILDS (§6.4): `--train-data
+  /data/wilds/iwildcam_v2.0 --templates iwildcam` (a folder the `wilds` package wrote).
 Faster variant without augmentation: `--no-augment --cache-zero-shot` computes the zero-shot
 targets h0 once for the whole train split instead of a frozen forward per step. It is only valid
 without random augmentation (h0 must be the embedding of the very image fθ sees), hence the
@@ -94,7 +97,8 @@ def parse_args(argv=None):
                    "label i), or 'imagenet' for open_clip's curated names; default: the "
                    "dataset's ClassLabel names ('imagenet' when it has 1000 classes)")
     g.add_argument("--templates", default="auto", help="zero-shot prompt templates: "
-                   "openai_imagenet (the 80 OpenAI ones), simple, or a file with one template "
+                   "openai_imagenet (the 80 OpenAI ones), simple, a dataset's own (iwildcam, "
+                   "fmow, cifar, dtd, stl10: models.TEMPLATES), or a file with one template "
                    "per line containing {}; auto = openai_imagenet for ImageNet, else simple")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="open_clip's train transform (RandomResizedCrop); --no-augment uses "

@@ -290,7 +290,7 @@ def make_batch(name, batch_size, num_classes, device, seed):
 def step_settings(reg, amp):
     """The finetune.py settings its step reads: --accum-steps 1, no label smoothing, clip 1.0."""
     return SimpleNamespace(reg=reg, amp=amp, accum_steps=1, label_smoothing=0.0, clip_grad=1.0,
-                           **REG_WEIGHTS)
+                           sae_space="unit", **REG_WEIGHTS)
 
 
 def train_step(ctx, x, y, reg, mode, mark=None):

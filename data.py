@@ -1,7 +1,8 @@
 """Datasets, evaluation-set definitions, embedding extraction and the on-disk embedding cache.
 
 Every stage reads images through `load_image_dataset` (any source: a `save_to_disk` folder, an
-image folder with one sub-folder per class, or a Hugging Face hub id) and gets back a
+image folder with one sub-folder per class, a folder the `wilds` package wrote, or a Hugging
+Face hub id) and gets back a
 `datasets.Dataset` with exactly two columns, `image` (PIL) and `label` (int), already checked:
 the split and columns exist, it is not empty, the labels are integers.
 
@@ -11,6 +12,11 @@ ImageNet logits into logits over a set's own classes (200-class masks for ImageN
 pooling for ObjectNet). `load_eval_set` loads one and puts its labels into that label space,
 fixing the known traps (ImageNetV2's folders `0…999` sort as strings; ObjectNet folders that are
 not ImageNet classes).
+
+The paper's other two settings are defined the same way: the §6.3 transfer sets in
+`TRANSFER_SETS` (source, split, the CLIP paper's class names; `load_transfer_set` relabels a
+copy by class name), and the §6.4 WILDS datasets in `WILDS_DATA` / `WILDS_SETS`, read from the
+folders the `wilds` package writes (`load_wilds`: its splits, FMoW's years and regions).
 
 Bad user input raises `UserError("what is wrong; how to fix")`; each CLI prints `error: <msg>`
 and exits 1.
@@ -61,9 +67,15 @@ def _open_split(source, split, cache_dir):
                             "(save_to_disk output or an image folder) or a hub id")
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             return _load_saved(path, split, source)
+        if wilds_kind(path):                         # a folder the `wilds` package wrote (§6.4)
+            return load_wilds(path, split)
         return _load_image_folder(path, split, cache_dir)
     if _looks_like_path(source):
         raise UserError(f"dataset folder not found: {source}")
+    if source in WILDS_DATA:
+        d = WILDS_DATA[source]
+        raise UserError(f"{source} is read from its WILDS folder: pass ROOT/{d.folder} "
+                        f"({d.layout}); to get it: {d.how_to_get}")
     return _load_from_hub(source, split, cache_dir)
 
 
@@ -656,3 +668,339 @@ def _class_label_names(name):
         return list(OBJECTNET_CLASSES)
     wnids = imagenet_wnids()
     return [wnids[g[0]] for g in eval_class_map(name)]
+
+
+# ============================================================================================
+# Zero-shot transfer sets (§6.3)
+# ============================================================================================
+# The ImageNet-fine-tuned image tower, zero-shot on another dataset: a new head from that
+# dataset's class names × templates through the original text tower (evaluate.py --transfer).
+# Class names are the CLIP paper's prompt names (Radford et al. 2021, data/prompts.md of its
+# release), index = label in the dataset's usual order; their templates are in
+# models.TEMPLATES (open_clip 3.3.0 ships ImageNet's only). A source whose labels carry names
+# (ClassLabel, class folders, strings) is relabelled by name, so a copy in another class order
+# is scored right; bare integer labels must already be in this order.
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+CIFAR100_CLASSES = (
+    "apple", "aquarium fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle",
+    "caterpillar", "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch",
+    "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox",
+    "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn mower", "leopard", "lion",
+    "lizard", "lobster", "man", "maple tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak tree", "orange", "orchid", "otter", "palm tree", "pear", "pickup truck", "pine tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road",
+    "rocket", "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake",
+    "spider", "squirrel", "streetcar", "sunflower", "sweet pepper", "table", "tank", "telephone",
+    "television", "tiger", "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale",
+    "willow tree", "wolf", "woman", "worm")
+DTD_CLASSES = (
+    "banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed", "cracked",
+    "crosshatched", "crystalline", "dotted", "fibrous", "flecked", "freckled", "frilly", "gauzy",
+    "grid", "grooved", "honeycombed", "interlaced", "knitted", "lacelike", "lined", "marbled",
+    "matted", "meshed", "paisley", "perforated", "pitted", "pleated", "polka-dotted", "porous",
+    "potholed", "scaly", "smeared", "spiralled", "sprinkled", "stained", "stratified", "striped",
+    "studded", "swirly", "veined", "waffled", "woven", "wrinkled", "zigzagged")
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship",
+                 "truck")
+
+
+@dataclass(frozen=True)
+class TransferSet:
+    """One §6.3 transfer set: its classes and prompts, where it comes from."""
+    name: str
+    classes: tuple            # prompt class names, index = label
+    templates: str            # key of models.TEMPLATES
+    hub_id: str               # HF datasets id (the default source)
+    split: str                # split of hub_id
+    image_column: str
+    label_column: str
+    folder: str               # local folder name (evaluate.py --data-root)
+    layout: str               # what a local folder must hold
+    how_to_get: str
+
+    @property
+    def local_layout(self):
+        return f"{self.folder}/{self.layout}"
+
+
+_CLASS_FOLDERS = "<class>/*.png|jpg (one folder per class, named as the class), or a save_to_disk folder"
+TRANSFER_SETS = {s.name: s for s in (
+    TransferSet("cifar10", CIFAR10_CLASSES, "cifar", "uoft-cs/cifar10", "test", "img", "label",
+                "cifar10", _CLASS_FOLDERS,
+                "`huggingface-cli download --repo-type dataset uoft-cs/cifar10` (test split, "
+                "columns img / label), or a local folder"),
+    TransferSet("cifar100", CIFAR100_CLASSES, "cifar", "uoft-cs/cifar100", "test", "img",
+                "fine_label", "cifar100", _CLASS_FOLDERS,
+                "`huggingface-cli download --repo-type dataset uoft-cs/cifar100` (test split, "
+                "columns img / fine_label: the 100 fine classes), or a local folder"),
+    TransferSet("dtd", DTD_CLASSES, "dtd", "tanganke/dtd", "test", "image", "label", "dtd",
+                "images/<class>/*.jpg + labels/test1.txt (the DTD release, partition 1), or "
+                + _CLASS_FOLDERS,
+                "the DTD release (dtd-r1.0.1.tar.gz, robots.ox.ac.uk/~vgg/data/dtd) extracted, "
+                "pass its dtd/ folder (test = labels/test1.txt, as the authors); or the hub "
+                "copy tanganke/dtd (unverified here: its split and columns are checked on load)"),
+    TransferSet("stl10", STL10_CLASSES, "stl10", "tanganke/stl10", "test", "image", "label",
+                "stl10", _CLASS_FOLDERS,
+                "the hub copy tanganke/stl10 (unverified here: its split and columns are checked "
+                "on load), or the STL-10 test images exported to class folders"),
+)}
+
+
+def load_transfer_set(name, source=None, split=None, image_column=None, label_column=None,
+                      max_samples=None, cache_dir=None):
+    """A TRANSFER_SETS set with labels = positions in its `classes` (a ClassLabel of them).
+
+    source: its hub id by default, or a local folder (class folders, save_to_disk, or — for
+    DTD — the release folder with images/ and labels/<split>1.txt)."""
+    s = TRANSFER_SETS[name]
+    source, split = source or s.hub_id, split or s.split
+    try:
+        ds = _listed_images(Path(source), split) or _open_split(str(source), split, cache_dir)
+    except UserError as e:
+        raise UserError(f"{e}. For {name}: {s.how_to_get}; local layout: {s.local_layout}") from e
+    image_column = image_column or _first_present(ds, s.image_column, "image")
+    label_column = label_column or _first_present(ds, s.label_column, "label")
+    ds = _uniform_columns(ds, image_column, label_column, source)
+    ds = _to_class_list(ds, s.classes, f"{source} ({name})")
+    _check_not_empty(ds, source, split)
+    return _subsample(ds, max_samples)
+
+
+def _listed_images(path, split):
+    """A release folder that lists each split's images (DTD: images/<class>/<file> and
+    labels/<split>1.txt, one `class/file` per line) as a Dataset; None for any other source."""
+    import datasets
+    if not ((path / "images").is_dir() and (path / "labels").is_dir()):
+        return None
+    listing = next((f for f in (path / "labels" / f"{split}.txt", path / "labels" / f"{split}1.txt")
+                    if f.is_file()), None)
+    if listing is None:
+        found = sorted(f.stem for f in (path / "labels").glob("*.txt"))
+        raise UserError(f"split '{split}' not found in {path}/labels; lists: {found}")
+    rows = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+    missing = [r for r in rows if not (path / "images" / r).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {listing} are missing under "
+                        f"{path / 'images'}, e.g. {missing[:3]}")
+    return datasets.Dataset.from_dict(
+        {"image": [str(path / "images" / r) for r in rows], "label": [r.split("/")[0] for r in rows]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("string")}))
+
+
+def _name_key(name):
+    """'aquarium_fish', 'Aquarium Fish', 'aquarium-fish' → 'aquariumfish': names match across
+    copies that spell them differently."""
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def _to_class_list(ds, classes, what):
+    """Relabel `ds` into positions of `classes` by name (or keep bare integer labels, which must
+    be in range); the label column becomes ClassLabel(names=classes)."""
+    import datasets
+    feature = datasets.ClassLabel(names=list(classes))
+    names = _raw_label_names(ds)
+    if names is None:
+        _check_integer_labels(ds, "label", what)
+        try:
+            check_label_range(ds, len(classes))
+        except UserError as e:
+            raise UserError(f"{what}: {e}") from None
+        return ds.cast_column("label", feature)
+    pos = {_name_key(c): i for i, c in enumerate(classes)}
+    unknown = sorted({n for n in names if _name_key(n) not in pos})
+    if unknown:
+        raise UserError(f"{what}: {len(unknown)} class name(s) are not among its {len(classes)} "
+                        f"classes, e.g. {unknown[:5]}; expected names like {list(classes[:3])}")
+    labels = [pos[_name_key(n)] for n in names]
+    return ds.remove_columns("label").add_column("label", labels, feature=feature)
+
+
+# ============================================================================================
+# WILDS (§6.4): iWildCam and FMoW, fine-tuned and evaluated per dataset
+# ============================================================================================
+# Read from the folders the `wilds` package writes (wilds.get_dataset(name, root_dir=ROOT,
+# download=True) → ROOT/iwildcam_v2.0, ROOT/fmow_v1.1), with its splits and metadata — read here
+# with pandas, so the `wilds` package itself is not needed:
+#   iWildCam v2.0  metadata.csv: split (train / val / test / id_val / id_test), filename (under
+#                  train/), y (0..181); class names from categories.csv (y, name[, english]).
+#                  Metric: macro-F1 over the classes present in the split's labels, and accuracy.
+#   FMoW v1.1      rgb_metadata.csv: split (train / val / test / seq), category, country_code,
+#                  timestamp; image of row i = images/rgb_img_{i}.png. Splits by year (the
+#                  benchmark's time_after_2016): train / id_val / id_test = rows of that split
+#                  before 2013, val (OOD) = val rows of 2013–2015, test (OOD) = test rows from 2016;
+#                  seq rows belong to none. Region = country_code_mapping.csv's region of the
+#                  country (Africa, Americas, Asia, Europe, Oceania), else Other. Metric: average
+#                  accuracy and worst-region accuracy (regions with images, Other excluded).
+# `finetune.py --train-data ROOT/iwildcam_v2.0` trains on such a folder (split `train`, any
+# source loader goes through _open_split); evaluate.py names its test splits (WILDS_SETS).
+
+FMOW_CATEGORIES = (
+    "airport", "airport_hangar", "airport_terminal", "amusement_park", "aquaculture",
+    "archaeological_site", "barn", "border_checkpoint", "burial_site", "car_dealership",
+    "construction_site", "crop_field", "dam", "debris_or_rubble", "educational_institution",
+    "electric_substation", "factory_or_powerplant", "fire_station", "flooded_road", "fountain",
+    "gas_station", "golf_course", "ground_transportation_station", "helipad", "hospital",
+    "impoverished_settlement", "interchange", "lake_or_pond", "lighthouse", "military_facility",
+    "multi-unit_residential", "nuclear_powerplant", "office_building", "oil_or_gas_facility",
+    "park", "parking_lot_or_garage", "place_of_worship", "police_station", "port", "prison",
+    "race_track", "railway_bridge", "recreational_facility", "road_bridge", "runway", "shipyard",
+    "shopping_mall", "single-unit_residential", "smokestack", "solar_farm", "space_facility",
+    "stadium", "storage_tank", "surface_mine", "swimming_pool", "toll_booth", "tower",
+    "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo")
+FMOW_OTHER_REGION = "Other"
+_WILDS_GET = ("`pip install wilds`, then `python -c \"import wilds; wilds.get_dataset('{0}', "
+              "root_dir='ROOT', download=True)\"` (ROOT/{1}, {2})")
+
+
+@dataclass(frozen=True)
+class WildsData:
+    """One WILDS dataset as the `wilds` package lays it out on disk."""
+    name: str
+    folder: str               # ROOT/<folder>, as the wilds package writes it
+    layout: str
+    templates: str            # key of models.TEMPLATES (WiSE-FT's prompts for the dataset)
+    metric: str               # "macro-f1" | "worst-region"
+    size: str
+
+    @property
+    def how_to_get(self):
+        return _WILDS_GET.format(self.name, self.folder, self.size)
+
+
+@dataclass(frozen=True)
+class WildsSet:
+    """One WILDS eval set: a dataset and one of its test splits."""
+    name: str
+    dataset: str
+    split: str
+
+
+WILDS_DATA = {d.name: d for d in (
+    WildsData("iwildcam", "iwildcam_v2.0", "metadata.csv + train/<filename> (+ categories.csv)",
+              "iwildcam", "macro-f1", "≈ 12 GB"),
+    WildsData("fmow", "fmow_v1.1", "rgb_metadata.csv + country_code_mapping.csv + "
+              "images/rgb_img_<i>.png", "fmow", "worst-region", "≈ 54 GB"),
+)}
+WILDS_SETS = {s.name: s for s in (
+    WildsSet("iwildcam-id", "iwildcam", "id_test"), WildsSet("iwildcam-ood", "iwildcam", "test"),
+    WildsSet("fmow-id", "fmow", "id_test"), WildsSet("fmow-ood", "fmow", "test"),
+)}
+
+
+def wilds_kind(path):
+    """'iwildcam' / 'fmow' when `path` is a folder in that WILDS layout, else None."""
+    path = Path(path)
+    if (path / "metadata.csv").is_file() and (path / "train").is_dir():
+        return "iwildcam"
+    if (path / "rgb_metadata.csv").is_file() and (path / "images").is_dir():
+        return "fmow"
+    return None
+
+
+def load_wilds(path, split, kind=None):
+    """One split of a WILDS folder as a Dataset: image, label (ClassLabel when class names are
+    known) and, for FMoW, region (ClassLabel of the regions)."""
+    import datasets
+    import pandas as pd
+    path, kind = Path(path), kind or wilds_kind(path)
+    read = _iwildcam_rows if kind == "iwildcam" else _fmow_rows
+    images, labels, extra, features = read(path, split, pd)
+    missing = [p for p in images[:1000] if not Path(p).is_file()]   # a sample: fail fast
+    if missing:
+        raise UserError(f"{path} ({kind}): images listed in its metadata are missing, e.g. "
+                        f"{missing[:2]}; expected layout: {WILDS_DATA[kind].layout}")
+    features = datasets.Features({"image": datasets.Image(), **features})
+    return datasets.Dataset.from_dict({"image": images, "label": labels, **extra},
+                                      features=features)
+
+
+def _read_csv(file, columns, pd):
+    """A metadata CSV with the columns it must have (one clear line if not)."""
+    if not file.is_file():
+        raise UserError(f"{file} not found")
+    df = pd.read_csv(file)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise UserError(f"{file} lacks column(s) {missing}; columns that exist: "
+                        f"{list(df.columns)[:12]}")
+    return df
+
+
+def _check_split(split, available, path):
+    if split not in available:
+        raise UserError(f"split '{split}' not found in {path}; splits: {sorted(available)}")
+
+
+def _iwildcam_rows(path, split, pd):
+    import datasets
+    df = _read_csv(path / "metadata.csv", ("split", "filename", "y"), pd)
+    _check_split(split, set(df["split"]), path)
+    rows = df[df["split"] == split]
+    names = _iwildcam_names(path, pd)
+    n = int(df["y"].max()) + 1                       # the benchmark's class count
+    label = (datasets.ClassLabel(names=names) if names and len(names) == n
+             else datasets.Value("int64"))
+    images = [str(path / "train" / f) for f in rows["filename"]]
+    return images, rows["y"].astype(int).tolist(), {}, {"label": label}
+
+
+def _iwildcam_names(path, pd):
+    """Class names by y from categories.csv (the English name if it has an `english` column,
+    as WiSE-FT's copy; else `name`); None when the file is absent."""
+    file = path / "categories.csv"
+    if not file.is_file():
+        return None
+    cats = _read_csv(file, ("y", "name"), pd)
+    cats = cats[cats["y"] < 99999].sort_values("y")  # 99999: categories absent from the split
+    column = "english" if "english" in cats.columns else "name"
+    names = [str(n).lower() for n in cats[column]]
+    return names if len(set(names)) == len(names) else None
+
+
+def _fmow_rows(path, split, pd):
+    import datasets
+    meta = _read_csv(path / "rgb_metadata.csv", ("split", "category", "country_code",
+                                                  "timestamp"), pd)
+    year = pd.to_datetime(meta["timestamp"], utc=True, format="ISO8601").dt.year
+    test_ood, ood = year >= 2016, year >= 2013      # time_after_2016; 3 years before = OOD val
+    val_ood = ood & ~test_ood
+    masks = {"train": (meta["split"] == "train") & ~ood,
+             "id_val": (meta["split"] == "val") & ~ood,
+             "id_test": (meta["split"] == "test") & ~ood,
+             "val": (meta["split"] == "val") & val_ood,
+             "test": (meta["split"] == "test") & test_ood}
+    _check_split(split, set(masks), path)
+    rows = meta[masks[split]]
+    unknown = sorted(set(rows["category"]) - set(FMOW_CATEGORIES))
+    if unknown:
+        raise UserError(f"{path}/rgb_metadata.csv: unknown categories {unknown[:5]}")
+    index = {c: i for i, c in enumerate(FMOW_CATEGORIES)}
+    mapping = _read_csv(path / "country_code_mapping.csv", ("alpha-3", "region"), pd)
+    to_region = dict(zip(mapping["alpha-3"], mapping["region"]))
+    regions = sorted({str(r) for r in to_region.values()} - {FMOW_OTHER_REGION}) \
+        + [FMOW_OTHER_REGION]
+    region = [regions.index(str(to_region.get(c, FMOW_OTHER_REGION))) for c in rows["country_code"]]
+    images = [str(path / "images" / f"rgb_img_{i}.png") for i in rows.index]
+    return (images, [index[c] for c in rows["category"]], {"region": region},
+            {"label": datasets.ClassLabel(names=list(FMOW_CATEGORIES)),
+             "region": datasets.ClassLabel(names=regions)})
+
+
+def load_wilds_set(name, source, split=None, max_samples=None):
+    """A WILDS_SETS eval set from the dataset's WILDS folder (`source`); one clear line that
+    says how to get it when the folder is missing or not that dataset."""
+    s = WILDS_SETS[name]
+    d = WILDS_DATA[s.dataset]
+    if source is None or not Path(source).is_dir():
+        where = f"folder not found: {source}" if source else "no folder given"
+        raise UserError(f"eval set {name}: {where}. Pass {name}=ROOT/{d.folder} or --data-root "
+                        f"ROOT; to get it: {d.how_to_get}")
+    if wilds_kind(source) != s.dataset:
+        raise UserError(f"eval set {name}: {source} is not a WILDS {s.dataset} folder (expected "
+                        f"{d.layout}); to get it: {d.how_to_get}")
+    ds = load_wilds(source, split or s.split, s.dataset)
+    _check_not_empty(ds, source, split or s.split)
+    return _subsample(ds, max_samples)

@@ -23,6 +23,9 @@ and the representation analysis are computed from those embeddings:
     entropy       H = −Σ p_i log p_i of the features' shares of total activation mass, and
     entropy_norm  H / log n
     dead          SAE features never active on the set
+    macro_f1      iWildCam sets (§6.4): macro-F1 (%) over the classes present in the split
+    worst_region  FMoW sets (§6.4): the lowest per-region accuracy (%), Other excluded; also
+                  region_top1 / region_n per region (top1 is the average accuracy)
 One JSON line per (model, eval set) is appended to --results (settings + metrics); the table
 printed at the end and the ID-vs-OOD figure (--plot) are made from those lines.
 
@@ -31,12 +34,22 @@ Eval sets (--sets; --id-set marks the ID set, every other set counts toward the 
                         the paper's ImageNet test sets (data.EVAL_SETS: sources, label spaces,
                         scoring); the hub copy by default, or a local folder with NAME=PATH or
                         --data-root ROOT (ROOT/NAME or ROOT/<the release's folder name>)
+    iwildcam-id iwildcam-ood fmow-id fmow-ood
+                        §6.4: the WILDS ID / OOD test splits (id_test / test) of a folder the
+                        `wilds` package wrote (data.WILDS_DATA): NAME=ROOT/iwildcam_v2.0 or
+                        --data-root ROOT; scored with the benchmark's own metric as well
     NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]
                         any other dataset (save_to_disk folder, image folder, hub id; split
                         default `test`), scored on all classes of the head
---transfer NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]] (§6.3): each model's image encoder,
-zero-shot on another dataset with the original text tower (a new head from that dataset's class
-names × --transfer-templates); reported beside, not in, the OOD mean.
+--transfer (§6.3): each model's image encoder, zero-shot on another dataset with the original
+text tower (a new head from that dataset's class names × templates); reported beside, not in,
+the OOD mean.
+    cifar10 cifar100 dtd stl10
+                        by name (data.TRANSFER_SETS: source and split, the CLIP paper's class
+                        names and templates); the hub copy by default, or NAME=PATH / --data-root
+    NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]
+                        any other dataset: its ClassLabel names, the zero-shot head's templates
+                        (or --transfer-templates)
 
 Tiny CPU run (the built-in toy world, its SAE and finetune.py runs with --reg none and
 sae-preserve, made by the commands in train_sae.py and finetune.py):
@@ -52,9 +65,14 @@ templates come from the runs' config.json):
         --sae runs/vitb16/sae --wise-alphas sweep \
         --sets imagenet imagenet-v2=/data/imagenetv2-matched-frequency-format-val imagenet-r \
                imagenet-a imagenet-sketch objectnet=/data/objectnet-1.0/images \
-        --id-set imagenet --transfer cifar10=uoft-cs/cifar10:test:img:label \
-               cifar100=uoft-cs/cifar100:test:img:fine_label \
+        --id-set imagenet --transfer cifar10 cifar100 dtd=/data/dtd stl10 \
         --results runs/vitb16/results.jsonl --plot runs/vitb16/wise_ft.png
+
+WILDS (§6.4; runs fine-tuned on the dataset's train split, e.g. finetune.py --train-data
+/data/wilds/iwildcam_v2.0 --templates iwildcam):
+    python evaluate.py --runs runs/iwildcam/none runs/iwildcam/sae_preserve \
+        --sets iwildcam-id iwildcam-ood --data-root /data/wilds --wise-alphas sweep \
+        --results runs/iwildcam/results.jsonl
 
 The figure (and the table) again from the JSON lines alone, no model needed (report.py;
 `evaluate.py plot|seeds` run the same commands):
@@ -119,17 +137,21 @@ def parse_args(argv=None):
                    "--out) for FVU / feature preservation / entropy / dead features")
     g = p.add_argument_group("data")
     g.add_argument("--sets", nargs="+", required=True, metavar="SET",
-                   help=f"eval sets: {', '.join(data.EVAL_SETS)} (optionally NAME=PATH), or "
-                        "NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+                   help=f"eval sets: {', '.join(data.EVAL_SETS)} (optionally NAME=PATH); the "
+                        f"WILDS test splits {', '.join(data.WILDS_SETS)} (NAME=WILDS_FOLDER or "
+                        "--data-root); or NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
     g.add_argument("--id-set", default=None, help="the ID set (default: the first of --sets); "
                    "every other set counts toward the OOD mean")
     g.add_argument("--transfer", nargs="*", default=[], metavar="SET",
-                   help="zero-shot transfer sets (§6.3) NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:"
-                        "LABEL_COLUMN]], scored with a head from their own class names")
-    g.add_argument("--transfer-templates", default=None, help="templates for the transfer "
-                   "heads (default: those of the zero-shot head)")
+                   help=f"zero-shot transfer sets (§6.3), scored with a head from their own "
+                        f"class names: {', '.join(data.TRANSFER_SETS)} (optionally NAME=PATH), "
+                        "or NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+    g.add_argument("--transfer-templates", default=None, help="templates for every transfer "
+                   "head (default: a named set's own, the CLIP paper's; else those of the "
+                   "zero-shot head)")
     g.add_argument("--data-root", default=None, help="folder holding local copies of the "
-                   "ImageNet test sets (ROOT/NAME or ROOT/<release folder>, see data.EVAL_SETS)")
+                   "named sets (ROOT/NAME or ROOT/<release folder>: data.EVAL_SETS, "
+                   "data.TRANSFER_SETS, data.WILDS_DATA)")
     g.add_argument("--image-column", default="image", help="image column of NAME=SOURCE sets")
     g.add_argument("--label-column", default="label", help="label column of NAME=SOURCE sets")
     g.add_argument("--max-samples", type=int, default=None, help="a fixed random subset of this "
@@ -168,29 +190,44 @@ class SetSpec:
     """One eval set as written on the command line."""
     name: str
     role: str                   # "id" | "ood" | "transfer"
-    builtin: bool               # an ImageNet test set of data.EVAL_SETS
+    kind: str                   # "imagenet" (data.EVAL_SETS), "wilds" (data.WILDS_SETS),
+                                # "transfer" (data.TRANSFER_SETS) or "generic" (NAME=SOURCE)
     source: str | None = None   # None: the set's default (hub copy / --data-root)
     split: str | None = None
     image_column: str | None = None
     label_column: str | None = None
 
+    @property
+    def builtin(self):
+        """An ImageNet test set, scored in its own label space (data.score_logits)."""
+        return self.kind == "imagenet"
+
+
+def set_kind(name, role):
+    if role == "transfer":
+        return "transfer" if name in data.TRANSFER_SETS else "generic"
+    return ("imagenet" if name in data.EVAL_SETS else
+            "wilds" if name in data.WILDS_SETS else "generic")
+
 
 def parse_set(text, role):
     """'imagenet-r' | 'imagenet-r=/path' | 'name=SOURCE[:SPLIT[:IMAGE_COL:LABEL_COL]]'."""
     name, eq, rest = text.partition("=")
-    builtin = name in data.EVAL_SETS and role != "transfer"
+    kind = set_kind(name, role)
     if not eq:
-        if not builtin:
-            raise UserError(f"unknown eval set '{name}'; known: {', '.join(data.EVAL_SETS)}, or "
-                            "give any dataset as NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
-        return SetSpec(name, role, True)
+        if kind == "generic":
+            what, known = (("transfer set", data.TRANSFER_SETS) if role == "transfer" else
+                           ("eval set", [*data.EVAL_SETS, *data.WILDS_SETS]))
+            raise UserError(f"unknown {what} '{name}'; known: {', '.join(known)}, or give any "
+                            "dataset as NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+        return SetSpec(name, role, kind)
     parts = rest.split(":")
     if not name or not parts[0] or len(parts) not in (1, 2, 4):
         raise UserError(f"eval set {text!r}: expected NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:"
                         "LABEL_COLUMN]]")
     split = parts[1] if len(parts) > 1 and parts[1] else None
     cols = parts[2:4] if len(parts) == 4 else [None, None]
-    return SetSpec(name, role, builtin, parts[0], split, *cols)
+    return SetSpec(name, role, kind, parts[0], split, *cols)
 
 
 def parse_sets(args):
@@ -222,18 +259,40 @@ def embed(clf, s, preprocess, args):
 
 
 @torch.no_grad()
-def accuracy(clf, h, labels, s, device):
-    """Top-1 (%) and the number of classes scored. Logits = head(h/||h||) (B, C); ImageNet test
-    sets go through data.score_logits (200-class subsets, ObjectNet max-pooling)."""
+def set_logits(clf, h, s, device):
+    """Logits = head(h/||h||) (N, C) in the set's label space: ImageNet test sets go through
+    data.score_logits (200-class subsets, ObjectNet max-pooling), transfer sets use their own
+    head."""
     x = F.normalize(h, dim=-1)
     if s.head is not None:                                   # transfer: the set's own head
-        logits = x @ s.head.T
-    else:
-        logits = clf.head(x.to(device)).float().cpu()        # (N, C)
-        if s.spec.builtin:
-            logits = data.score_logits(logits, s.spec.name)  # (N, C_set)
+        return x @ s.head.T
+    logits = clf.head(x.to(device)).float().cpu()            # (N, C)
+    if s.spec.builtin:
+        logits = data.score_logits(logits, s.spec.name)      # (N, C_set)
+    return logits
+
+
+def accuracy(clf, h, labels, s, device):
+    """Top-1 (%) and the number of classes scored."""
+    logits = set_logits(clf, h, s, device)
     top1 = (logits.argmax(-1) == labels).double().mean().item() * 100
     return top1, logits.shape[-1]
+
+
+def benchmark_metrics(clf, h, labels, s, device):
+    """§6.4: a WILDS set's own metric, in %: macro-F1 over the classes present (iWildCam), or
+    the accuracy of each region and the worst region's, Other excluded (FMoW). {} otherwise."""
+    if s.spec.kind != "wilds":
+        return {}
+    pred = set_logits(clf, h, s, device).argmax(-1)
+    if s.groups is None:
+        return {"macro_f1": 100 * losses.macro_f1(pred, labels)}
+    by_group = losses.accuracy_by_group(pred, labels, s.groups)
+    regions = {s.group_names[g]: (acc, n) for g, (acc, n) in by_group.items()}
+    ranked = [acc for name, (acc, _) in regions.items() if name != data.FMOW_OTHER_REGION]
+    return {"worst_region": 100 * min(ranked) if ranked else None,
+            "region_top1": {name: 100 * acc for name, (acc, _) in sorted(regions.items())},
+            "region_n": {name: n for name, (_, n) in sorted(regions.items())}}
 
 
 def model_state(spec, zs_state, ft_state):
@@ -314,6 +373,7 @@ def evaluate(args):
             h0.setdefault(s.spec.name, h)          # the zero-shot model comes first
             top1, n_classes = accuracy(work, h, labels, s, args.device)
             metrics = {"top1": top1, "n_classes": n_classes,
+                       **benchmark_metrics(work, h, labels, s, args.device),
                        **representation_metrics(h, h0[s.spec.name], sae, args.device)}
             rec = make_record(eval_id, spec, s, zs, args, sae_cfg, len(h), metrics)
             runs_io.append_jsonl(args.results, rec)
@@ -394,7 +454,11 @@ def resolve_head(zs, args, runs, sets):
     elif runs:
         zs.templates, zs.templates_name = list(runs[0].config["templates"]), "run config"
     else:
-        zs.templates_name = "openai_imagenet" if len(zs.classnames) == 1000 else "simple"
+        id_set = next(s.spec for s in sets if s.spec.role == "id")
+        zs.templates_name = (
+            "openai_imagenet" if len(zs.classnames) == 1000 else
+            data.WILDS_DATA[data.WILDS_SETS[id_set.name].dataset].templates
+            if id_set.kind == "wilds" else "simple")
         zs.templates = models.load_templates(zs.templates_name)
 
 
@@ -405,14 +469,19 @@ class EvalData:
     source: str | None
     classnames: list | None = None        # transfer sets: their own class names
     head: torch.Tensor | None = None      # transfer sets: (C, d) scaled zero-shot weights
+    groups: torch.Tensor | None = None    # FMoW: region of each image (N,)
+    group_names: list | None = None
 
 
-def builtin_source(name, data_root):
-    """A local copy under --data-root (ROOT/NAME or ROOT/<release folder>), else None = hub."""
+def local_source(spec, data_root):
+    """A local copy under --data-root (ROOT/NAME or ROOT/<the release's folder name>), else
+    None (= the hub copy; WILDS sets have none)."""
     if not data_root:
         return None
-    release = data.EVAL_SETS[name].folder
-    for cand in (Path(data_root) / name, Path(data_root) / release):
+    release = (data.EVAL_SETS[spec.name].folder if spec.kind == "imagenet" else
+               data.TRANSFER_SETS[spec.name].folder if spec.kind == "transfer" else
+               data.WILDS_DATA[data.WILDS_SETS[spec.name].dataset].folder)
+    for cand in (Path(data_root) / spec.name, Path(data_root) / release):
         if cand.is_dir():
             return str(cand)
     return None
@@ -421,10 +490,24 @@ def builtin_source(name, data_root):
 def load_set(spec, args):
     """Load one eval set with labels in its own label space."""
     if spec.builtin:
-        source = spec.source or builtin_source(spec.name, args.data_root)
+        source = spec.source or local_source(spec, args.data_root)
         ds = data.load_eval_set(spec.name, source, spec.split, spec.image_column,
                                 spec.label_column, args.max_samples)
         return EvalData(spec, ds, source or data.EVAL_SETS[spec.name].hub_id)
+    if spec.kind == "wilds":                # §6.4: a test split of a WILDS folder
+        source = spec.source or local_source(spec, args.data_root)
+        ds = data.load_wilds_set(spec.name, source, spec.split, args.max_samples)
+        ev = EvalData(spec, ds, source)
+        if "region" in ds.column_names:
+            ev.groups = torch.as_tensor(ds.with_format("numpy")["region"], dtype=torch.long)
+            ev.group_names = ds.features["region"].names
+        return ev
+    if spec.kind == "transfer":             # §6.3: CIFAR-10/100, DTD, STL-10 by name
+        source = spec.source or local_source(spec, args.data_root)
+        ds = data.load_transfer_set(spec.name, source, spec.split, spec.image_column,
+                                    spec.label_column, args.max_samples)
+        return EvalData(spec, ds, source or data.TRANSFER_SETS[spec.name].hub_id,
+                        classnames=list(data.TRANSFER_SETS[spec.name].classes))
     ds = data.load_image_dataset(spec.source, spec.split or "test",
                                  spec.image_column or args.image_column,
                                  spec.label_column or args.label_column, args.max_samples)
@@ -459,13 +542,22 @@ def build_zero_shot(zs, sets, args):
     W = models.zero_shot_weights(model, tokenizer, zs.classnames, zs.templates, args.device)
     scale = model.logit_scale.exp().item()
     clf = models.ImageClassifier(model.visual, W, scale).to(args.device).eval()
-    templates = (models.load_templates(args.transfer_templates) if args.transfer_templates
-                 else zs.templates)
     for s in sets:
         if s.spec.role == "transfer":  # §6.3: original text tower, the set's own class names
-            s.head = scale * models.zero_shot_weights(model, tokenizer, s.classnames, templates,
+            s.head = scale * models.zero_shot_weights(model, tokenizer, s.classnames,
+                                                      transfer_templates(s, zs, args),
                                                       args.device).cpu()
     return clf, preprocess
+
+
+def transfer_templates(s, zs, args):
+    """--transfer-templates, else a named set's own (the CLIP paper's), else the zero-shot
+    head's."""
+    if args.transfer_templates:
+        return models.load_templates(args.transfer_templates)
+    if s.spec.kind == "transfer":
+        return models.load_templates(data.TRANSFER_SETS[s.spec.name].templates)
+    return zs.templates
 
 
 def check_sae(sae, zs, width):
@@ -533,12 +625,16 @@ def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
         "sae": args.sae, "sae_n": sae_cfg.get("n"), "sae_k": sae_cfg.get("k"),
         "run_config": {k: v for k, v in (run.config if run else {}).items()
                        if k not in ("classnames", "templates", "model_cfg", "preprocess_cfg")},
+        **({"transfer_templates": args.transfer_templates or (
+            data.TRANSFER_SETS[s.spec.name].templates if s.spec.kind == "transfer"
+            else zs.templates_name)} if s.spec.role == "transfer" else {}),
         **metrics,
     }
 
 
 def progress_line(record, seconds):
-    fmt = {"top1": "{:5.1f}", "cka": "{:.3f}", "fvu": "{:.3f}", "overlap": "{:.3f}"}
+    fmt = {"top1": "{:5.1f}", "macro_f1": "{:5.1f}", "worst_region": "{:5.1f}", "cka": "{:.3f}",
+           "fvu": "{:.3f}", "overlap": "{:.3f}"}
     fields = [f"{k} {fmt[k].format(record[k])}" for k in fmt if record.get(k) is not None]
     print(f"{record['model']:<28} | {record['dataset']:<16} | n {record['n']:<6} | "
           + " | ".join(fields) + f" | {seconds:.1f} s", flush=True)

@@ -33,6 +33,9 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
   Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
   exactly where it stopped with the same command plus `--resume`.
+  The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
+  λ_mask = 10 as defaults; losses.regulariser): add `--sae-space raw`. WILDS (§6.4): `--train-data
+  /data/wilds/iwildcam_v2.0 --templates iwildcam` (a folder the `wilds` package wrote).
 Faster variant without augmentation: `--no-augment --cache-zero-shot` computes the zero-shot
 targets h0 once for the whole train split instead of a frozen forward per step. It is only valid
 without random augmentation (h0 must be the embedding of the very image fθ sees), hence the
@@ -94,30 +97,38 @@ def parse_args(argv=None):
                    "label i), or 'imagenet' for open_clip's curated names; default: the "
                    "dataset's ClassLabel names ('imagenet' when it has 1000 classes)")
     g.add_argument("--templates", default="auto", help="zero-shot prompt templates: "
-                   "openai_imagenet (the 80 OpenAI ones), simple, or a file with one template "
+                   "openai_imagenet (the 80 OpenAI ones), simple, a dataset's own (iwildcam, "
+                   "fmow, cifar, dtd, stl10: models.TEMPLATES), or a file with one template "
                    "per line containing {}; auto = openai_imagenet for ImageNet, else simple")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="open_clip's train transform (RandomResizedCrop); --no-augment uses "
                    "the eval transform (resize + centre crop)")
-    W = losses.WEIGHTS
+    W, A = losses.WEIGHTS, losses.AUTHORS_WEIGHTS
     g = p.add_argument_group("regulariser (§4, §5): L = CE + λ·R; defaults: losses.WEIGHTS "
-                             "(unit-norm scale; the scale note in losses.regulariser)")
+                             "(unit-norm scale; the scale note in losses.regulariser), or "
+                             "losses.AUTHORS_WEIGHTS with --sae-space raw")
     g.add_argument("--reg", choices=losses.REGULARISERS, default="sae-preserve",
                    help="R: none (standard FT), l2 / l1 (embedding drift), sae-sparse, "
                    "sae-preserve (the main method), sae-preserve-remove")
     g.add_argument("--sae", default=None, help="folder of the frozen zero-shot SAE "
                    "(train_sae.py --out); needed by sae-*, optional otherwise (enables the probe)")
-    g.add_argument("--lam", type=float, default=W["lam"], help="λ, weight of R (our unit-norm "
-                   "scale: ≈ the authors' 70 × ||h||²; see losses.regulariser)")
-    g.add_argument("--mu", type=float, default=W["mu"],
-                   help="μ, weight of residual alignment L_res")
-    g.add_argument("--lam-mask", type=float, default=W["lam_mask"], help="λ_mask, weight of "
-                   "feature preservation L_pres (authors' 10 on raw embeddings ≈ 10/||h|| here)")
-    g.add_argument("--lam-l1", type=float, default=W["lam_l1"], help="λ_l1, weight of sparse "
-                   "feature change L_sparse (sae-sparse; authors' 1e-3 ≈ 1e-3/||h|| here)")
-    g.add_argument("--lam-remove", type=float, default=W["lam_remove"], help="λ_remove, weight "
-                   "of feature removal L_remove (sae-preserve-remove; authors' 0.02 ≈ 0.02/||h|| "
-                   "here)")
+    g.add_argument("--sae-space", choices=losses.SPACES, default="unit", help="unit: the SAE "
+                   "and R see unit-normalised embeddings (this project's method); raw: the "
+                   "authors' objective, SAE encode and R on the raw embeddings, weights on their "
+                   "scale (losses.regulariser)")
+    g.add_argument("--lam", type=float, default=None, help=f"λ, weight of R (default: "
+                   f"{W['lam']:g} unit / {A['lam']:g} raw; unit ≈ raw × ||h||²)")
+    g.add_argument("--mu", type=float, default=None, help=f"μ, weight of residual alignment "
+                   f"L_res (default: {W['mu']:g} unit / {A['mu']:g} raw)")
+    g.add_argument("--lam-mask", type=float, default=None, help=f"λ_mask, weight of feature "
+                   f"preservation L_pres (default: {W['lam_mask']:g} unit / {A['lam_mask']:g} "
+                   "raw; unit ≈ raw / ||h||)")
+    g.add_argument("--lam-l1", type=float, default=None, help=f"λ_l1, weight of sparse feature "
+                   f"change L_sparse (sae-sparse; default: {W['lam_l1']:g} unit / "
+                   f"{A['lam_l1']:g} raw; unit ≈ raw / ||h||)")
+    g.add_argument("--lam-remove", type=float, default=None, help=f"λ_remove, weight of feature "
+                   f"removal L_remove (sae-preserve-remove; default: {W['lam_remove']:g} unit / "
+                   f"{A['lam_remove']:g} raw; unit ≈ raw / ||h||)")
     g.add_argument("--cache-zero-shot", action="store_true", help="compute h0 = f0(image) for "
                    "the whole train split once (cached in --cache-dir) instead of a frozen forward "
                    "per step; valid only with --no-augment (h0 must be of the same image)")
@@ -165,7 +176,12 @@ def parse_args(argv=None):
                    "the zero-shot SAE every N steps (needs --sae); 0 = start and end only")
     g.add_argument("--probe-size", type=int, default=512, help="probe images (a fixed subset "
                    "of the train split, eval transform)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    weights = losses.AUTHORS_WEIGHTS if args.sae_space == "raw" else losses.WEIGHTS
+    for name, value in weights.items():  # the weights of the chosen space, unless given
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 
@@ -217,7 +233,8 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
         terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
                                    lam_l1=args.lam_l1, lam_mask=args.lam_mask,
-                                   lam_remove=args.lam_remove)            # λ·R in "reg"
+                                   lam_remove=args.lam_remove,
+                                   space=args.sae_space)                  # λ·R in "reg"
         loss = ce + terms["reg"]                                          # L = CE + λ·R (§5)
         mark("loss")
         with models.batchnorm_stats_kept(clf.visual):  # checkpointing re-runs BN forward
@@ -417,7 +434,8 @@ def train(args):
                   finished=step == total_steps,
                   regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
                                "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
-                               "lam_remove": args.lam_remove, "sae": args.sae})
+                               "lam_remove": args.lam_remove, "sae": args.sae,
+                               "sae_space": args.sae_space})
     models.save_classifier(out, clf, config)
     return write_summary(out, step, total_steps, args)
 
@@ -483,6 +501,12 @@ def progress_line(rec, names):
 def scale_note(h0, args):
     """Print the measured ||h|| and what the authors' weights would be on our scale."""
     s, a = h0.norm(dim=-1).mean().item(), losses.AUTHORS_WEIGHTS
+    if args.sae_space == "raw":
+        print(f"mean zero-shot ||h|| = {s:.2f}; --sae-space raw: the SAE and R see the raw "
+              f"embeddings, as in the authors' code; running λ={args.lam:g}, μ={args.mu:g}, "
+              f"λ_mask={args.lam_mask:g} (the authors': λ={a['lam']:g}, μ={a['mu']:g}, "
+              f"λ_mask={a['lam_mask']:g})")
+        return
     print(f"mean zero-shot ||h|| = {s:.2f}: the authors' λ={a['lam']:g}, "
           f"λ_mask={a['lam_mask']:g}, λ_l1={a['lam_l1']:g}, λ_remove={a['lam_remove']:g} (raw "
           f"embeddings) ≈ here λ={a['lam'] * s * s:.0f}, λ_mask={a['lam_mask'] / s:.3g}, "

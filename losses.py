@@ -25,15 +25,17 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------
 
 
-def topk_encode(x, W_enc, b_enc, b_dec, k):
+def topk_encode(x, W_enc, b_enc, b_dec, k, normalise=True):
     """z = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)), with x̂ = x / ||x||.
 
     x (B, d) any scale — normalised here, so the SAE always sees the scale it was trained on;
     W_enc (n, d), b_enc (n,), b_dec (d,). Per-sample TopK (not batch TopK): the code of one
     image never depends on the rest of the batch. Returns (z (B, n), pre (B, n)), where `pre` are
-    the pre-activations (AuxK needs them).
+    the pre-activations (AuxK needs them). normalise=False encodes x as given (x̂ = x): only the
+    authors'-objective mode of `regulariser` (space="raw") does that.
     """
-    x = F.normalize(x, dim=-1)
+    if normalise:
+        x = F.normalize(x, dim=-1)
     pre = (x - b_dec) @ W_enc.T + b_enc                        # (B, n)
     top = pre.topk(k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
@@ -131,24 +133,29 @@ def at_least_fp32(t):
 
 
 REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove")
+# Where R is computed: "unit" (this project's default) on unit-normalised embeddings, "raw" on
+# the raw ones, as the authors' training code does (see `regulariser`).
+SPACES = ("unit", "raw")
 
 # The regulariser's weights: the one set of defaults (finetune.py's command line reads them
 # from here). They are on this project's scale — R sees unit-normalised embeddings — and were
 # chosen on the toy world (λ = 10–100 barely changed anything there; λ = 1000, λ_mask = 1 held
 # OOD accuracy for both L2 and SAE-FT). Tune λ per model. See `regulariser` for the scale note.
 WEIGHTS = {"lam": 1000.0, "mu": 1.0, "lam_mask": 1.0, "lam_l1": 1e-4, "lam_remove": 2e-3}
-# The authors' weights (§5), meant for raw CLIP embeddings (||h|| ≈ 10 for ViT-B).
+# The authors' weights (§5), meant for raw CLIP embeddings (||h|| ≈ 10 for ViT-B): the defaults
+# of space="raw" (finetune.py --sae-space raw).
 AUTHORS_WEIGHTS = {"lam": 70.0, "mu": 1.0, "lam_mask": 10.0, "lam_l1": 1e-3, "lam_remove": 0.02}
 
 
 def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
                 lam_l1=WEIGHTS["lam_l1"], lam_mask=WEIGHTS["lam_mask"],
-                lam_remove=WEIGHTS["lam_remove"]):
+                lam_remove=WEIGHTS["lam_remove"], space="unit"):
     """Every term of the fine-tuning regulariser R by name, plus "reg" = λ·R (add it to CE).
 
-    h (B, d) fine-tuned embedding, h0 (B, d) zero-shot embedding — both raw (any norm); they
-    are unit-normalised here (§3: the SAE and the cosine head only see directions). h0 and the
-    SAE parameters are detached: the zero-shot side never receives a gradient.
+    h (B, d) fine-tuned embedding, h0 (B, d) zero-shot embedding — both raw (any norm). With
+    space="unit" (the default) they are unit-normalised here (§3: the SAE and the cosine head
+    only see directions). h0 and the SAE parameters are detached: the zero-shot side never
+    receives a gradient.
 
         none                 R = 0
         l2 / l1              R = l2_drift / l1_drift
@@ -161,11 +168,24 @@ def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
     here and |z| terms (L_pres, L_sparse, L_remove) ≈ ||h|| smaller, so the authors' (λ = 70,
     μ = 1, λ_mask = 10, λ_l1 = 1e-3, λ_remove = 0.02) correspond here to λ ≈ 70·||h||²,
     λ_mask ≈ 10/||h||, λ_l1 ≈ 1e-3/||h||, λ_remove ≈ 0.02/||h|| (finetune.py prints these for
-    the model's own ||h||). The defaults are WEIGHTS above.
+    the model's own ||h||). The defaults are WEIGHTS above. The conversion is only approximate:
+    the SAE's top-k choice itself depends on the scale of its input.
+
+    space="raw" is the authors' objective (their training code, reg types mse / l1 / sae /
+    sae_mask / sae_add_remove with its default normalize=False): x = h, x0 = h0 as they are,
+    z = ReLU(TopK_k(W_enc (h − b_dec) + b_enc)) with no normalisation, every term and weight
+    unchanged — so AUTHORS_WEIGHTS mean what they meant. The SAE is still ours (b_enc, ReLU);
+    theirs has neither, so the two coincide when b_enc = 0 and the k largest pre-activations are
+    positive. On unit-norm h, h0 the two spaces agree.
     """
     if name not in REGULARISERS:
         raise ValueError(f"unknown regulariser {name!r}; choose one of {', '.join(REGULARISERS)}")
-    x, x0 = F.normalize(at_least_fp32(h), dim=-1), F.normalize(at_least_fp32(h0.detach()), dim=-1)
+    if space not in SPACES:
+        raise ValueError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+    unit = space == "unit"
+    x, x0 = at_least_fp32(h), at_least_fp32(h0.detach())
+    if unit:
+        x, x0 = F.normalize(x, dim=-1), F.normalize(x0, dim=-1)
     terms = {}
     if name == "none":
         terms["reg"] = x.new_zeros(())
@@ -178,9 +198,9 @@ def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
         raise ValueError(f"regulariser {name!r} needs a trained SAE (pass sae=...)")
     W_enc, b_enc, b_dec, W_dec = (p.detach().to(x.dtype) for p in
                                   (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec))
-    z, _ = topk_encode(x, W_enc, b_enc, b_dec, sae.k)           # (B, n), carries the gradient
+    z, _ = topk_encode(x, W_enc, b_enc, b_dec, sae.k, unit)     # (B, n), carries the gradient
     with torch.no_grad():
-        z0, _ = topk_encode(x0, W_enc, b_enc, b_dec, sae.k)     # (B, n), constant
+        z0, _ = topk_encode(x0, W_enc, b_enc, b_dec, sae.k, unit)  # (B, n), constant
     terms["res"] = residual_alignment(x - x0, z - z0, W_dec)
     total = mu * terms["res"]
     if name == "sae-sparse":
@@ -233,6 +253,28 @@ def feature_entropy(z):
     p = mass / mass.sum()
     H = -(p[p > 0] * p[p > 0].log()).sum()
     return H, H / math.log(z.shape[-1])
+
+
+def macro_f1(pred, y):
+    """Macro-F1 over the classes present in y: mean over c ∈ unique(y) of
+    F1_c = 2·TP_c / (2·TP_c + FP_c + FN_c)  (iWildCam's WILDS metric, which passes
+    labels = unique(y_true) to scikit-learn's f1_score). pred, y (N,) integer class ids; a class
+    that is only predicted adds false positives to no averaged class but costs its images' own
+    classes a false negative each."""
+    classes = y.unique()
+    hit, true = pred[:, None] == classes, y[:, None] == classes         # (N, C) each
+    tp = (hit & true).sum(0).double()
+    fp = (hit & ~true).sum(0).double()
+    fn = (~hit & true).sum(0).double()
+    return (2 * tp / (2 * tp + fp + fn)).mean().item()
+
+
+def accuracy_by_group(pred, y, groups):
+    """{group id: (accuracy, count)} over the groups present (FMoW: regions).
+    pred, y, groups (N,) integers."""
+    correct = (pred == y).double()
+    return {int(g): (correct[groups == g].mean().item(), int((groups == g).sum()))
+            for g in groups.unique()}
 
 
 def dead_features(z):

@@ -218,9 +218,29 @@ def _openai_imagenet_templates():
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
+# The CLIP paper's prompts for the §6.3 transfer sets (Radford et al. 2021, data/prompts.md of
+# its release), and WiSE-FT's for the §6.4 WILDS sets (Wortsman et al. 2022), which the
+# authors' code uses. WiSE-FT's FMoW list has two more, "satellite / aerial photo of a(n) {}."
+# with the article chosen per class name; plain format strings cannot do that, so they are left
+# out (the "a {}" forms are kept).
 TEMPLATES = {
     "openai_imagenet": _openai_imagenet_templates(),
     "simple": ["a photo of a {}."],
+    "cifar": [
+        "a photo of a {}.", "a blurry photo of a {}.", "a black and white photo of a {}.",
+        "a low contrast photo of a {}.", "a high contrast photo of a {}.",
+        "a bad photo of a {}.", "a good photo of a {}.", "a photo of a small {}.",
+        "a photo of a big {}.", "a photo of the {}.", "a blurry photo of the {}.",
+        "a black and white photo of the {}.", "a low contrast photo of the {}.",
+        "a high contrast photo of the {}.", "a bad photo of the {}.", "a good photo of the {}.",
+        "a photo of the small {}.", "a photo of the big {}."],
+    "dtd": [f"a photo of {a} {{}} {kind}." for a in ("a", "the")
+            for kind in ("texture", "pattern", "thing", "object")],
+    "stl10": ["a photo of a {}.", "a photo of the {}."],
+    "iwildcam": ["a photo of {}.", "{} in the wild."],
+    "fmow": [f"{kind} photo of a {{}}{where}." for where in
+             ("", " in asia", " in africa", " in the americas", " in europe", " in oceania")
+             for kind in ("satellite", "aerial")] + ["a photo of a {}.", "{}."],
 }
 
 

@@ -55,6 +55,17 @@ def set_names(records, role):
     return names
 
 
+# §6.4: the WILDS sets' own metrics (record key, column label), shown beside their top-1.
+BENCHMARK_METRICS = (("macro_f1", "F1"), ("worst_region", "worst"))
+
+
+def metric_columns(records, sets):
+    """[(dataset, record key, column header)] for each benchmark metric some record of the
+    given sets carries (none for ImageNet-style results)."""
+    return [(d, key, f"{d} {label}") for d in sets for key, label in BENCHMARK_METRICS
+            if any(r["dataset"] == d and r.get(key) is not None for r in records)]
+
+
 def ood_mean(row, ood):
     accs = [row[d]["top1"] for d in ood if d in row and row[d].get("top1") is not None]
     return sum(accs) / len(accs) if accs and len(accs) == len(ood) else None
@@ -66,11 +77,14 @@ def ood_mean(row, ood):
 
 def format_table(records):
     """Fixed-width table: rows = models; ID, each OOD set, OOD mean, transfer sets (top-1 %),
-    then CKA / FVU / pres. (feature overlap) on the ID set."""
+    the WILDS metrics (macro-F1, worst-region accuracy %), then CKA / FVU / pres. (feature
+    overlap) on the ID set."""
     ids, ood, transfer = (set_names(records, r) for r in ("id", "ood", "transfer"))
+    extra = metric_columns(records, ids + ood)
     rows = by_model(records)
     head = ["model", "method"] + [f"{d} (ID)" for d in ids] + ood + \
-        (["OOD mean"] if ood else []) + transfer + ["CKA", "FVU", "pres."]
+        (["OOD mean"] if ood else []) + transfer + [h for _, _, h in extra] + \
+        ["CKA", "FVU", "pres."]
     body = []
     for row in rows.values():
         first = next(iter(row.values()))
@@ -79,6 +93,7 @@ def format_table(records):
         cells += [_num(row.get(d, {}).get("top1"), "{:.1f}") for d in ids + ood]
         cells += [_num(ood_mean(row, ood), "{:.1f}")] if ood else []
         cells += [_num(row.get(d, {}).get("top1"), "{:.1f}") for d in transfer]
+        cells += [_num(row.get(d, {}).get(key), "{:.1f}") for d, key, _ in extra]
         cells += [_num(anal.get(k), f) for k, f in (("cka", "{:.3f}"), ("fvu", "{:.3f}"),
                                                     ("overlap", "{:.3f}"))]
         body.append(cells)
@@ -176,17 +191,20 @@ def plot_main(argv):
 
 def seed_rows(records):
     """{(kind, method, α): {column: value}} for one seed's results: top-1 on every set, the OOD
-    mean and CKA / FVU / pres. on the ID set (the columns of format_table)."""
+    mean, the WILDS metrics and CKA / FVU / pres. on the ID set (the columns of format_table)."""
     ids, ood = set_names(records, "id"), set_names(records, "ood")
+    extra = metric_columns(records, ids + ood)
     rows = {}
     for row in by_model(records).values():
         first = next(iter(row.values()))
         anal = row.get(ids[0], first) if ids else first
         cells = {d: row[d].get("top1") for d in ids + ood if d in row}
         cells["OOD mean"] = ood_mean(row, ood) if ood else None
+        cells.update({h: row.get(d, {}).get(key) for d, key, h in extra})
         cells.update(CKA=anal.get("cka"), FVU=anal.get("fvu"), **{"pres.": anal.get("overlap")})
         rows[(first["kind"], first["method"], first["alpha"])] = cells
-    return rows, ids + ood + (["OOD mean"] if ood else []) + ["CKA", "FVU", "pres."]
+    return rows, ids + ood + (["OOD mean"] if ood else []) + [h for _, _, h in extra] + \
+        ["CKA", "FVU", "pres."]
 
 
 def seeds_table(per_seed):

@@ -120,6 +120,22 @@ def test_each_regulariser_logs_its_terms(reg, base, sae_dir, tmp_path):
         assert log[-1]["reg"] > 0
 
 
+def test_sae_space_picks_its_weights_and_raw_mode_runs(base, sae_dir, tmp_path):
+    """--sae-space raw defaults to the authors' weights (each still settable); unit to ours. A
+    raw-mode run trains and records its space."""
+    import losses
+    unit = finetune.parse_args([*base, "--out", "x"])
+    raw = finetune.parse_args([*base, "--out", "x", "--sae-space", "raw", "--lam-mask", "3"])
+    assert {k: getattr(unit, k) for k in losses.WEIGHTS} == losses.WEIGHTS
+    assert {k: getattr(raw, k) for k in losses.WEIGHTS} == dict(losses.AUTHORS_WEIGHTS,
+                                                                 lam_mask=3.0)
+    finetune.main([*base, "--sae", sae_dir, "--sae-space", "raw", "--max-steps", "2",
+                   "--out", str(tmp_path)])
+    _, config = models.load_classifier(tmp_path)
+    assert config["regulariser"]["sae_space"] == "raw" and config["regulariser"]["lam"] == 70.0
+    assert read_jsonl(tmp_path / "train_log.jsonl")[-1]["reg"] > 0
+
+
 def test_resume_ends_with_the_uninterrupted_weights(base, sae_dir, tmp_path):
     run = [*base, "--sae", sae_dir, "--reg", "sae-preserve", "--epochs", "2", "--accum-steps",
            "2", "--probe-every", "0"]  # 4 steps/epoch, 8 in all, random crops on
@@ -255,7 +271,7 @@ def test_finetune_step_accumulation_equals_one_big_batch(tiny_clip_dir, sae_dir)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         args = SimpleNamespace(reg="sae-preserve", amp=False, accum_steps=accum,
                                label_smoothing=0.0, clip_grad=1.0, lam=1000.0, mu=1.0,
-                               lam_mask=1.0, lam_l1=1e-4, lam_remove=2e-3)
+                               lam_mask=1.0, lam_l1=1e-4, lam_remove=2e-3, sae_space="unit")
         phases = []
         out = finetune.finetune_step(model, f0, sae, opt, batches, args, mark=phases.append)
         results.append((model.state_dict(), out))

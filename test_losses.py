@@ -203,6 +203,134 @@ def test_no_gradient_reaches_zero_shot_side_or_sae(name):
     assert all(p.grad is None for p in sae.parameters())
 
 
+# ---------------------------------------------------------------- the authors' objective (space="raw")
+# A reference written from the authors' published training code (their SAE encode / decode and
+# the loss of each reg type), independent of losses.py: their encoder is a bias-free linear map
+# of (x − b_pre), TopK keeps the k largest pre-activations as they are (no ReLU), decode is
+# W_dec z + b_pre; R is applied to the raw image features (their default normalize=False).
+
+AUTHORS_REG = {"l2": "mse", "l1": "l1", "sae-sparse": "sae", "sae-preserve": "sae_mask",
+               "sae-preserve-remove": "sae_add_remove"}
+
+
+def authors_topk(pre, k):
+    """Their TopK: keep the k largest entries of each row, zero the rest (values unchanged)."""
+    mask = torch.zeros_like(pre).scatter(-1, pre.topk(k, dim=-1).indices, 1.0)
+    return pre * mask
+
+
+def authors_objective(reg_type, feats, old, encode, W_dec, b_pre, w):
+    """λ · representation_loss of their training step, for one reg type; w = their weights."""
+    if reg_type == "mse":
+        return w["lam"] * ((feats - old) ** 2).mean()
+    if reg_type == "l1":
+        return w["lam"] * (feats - old).abs().mean()
+    with torch.no_grad():
+        s0 = encode(old)
+    s = encode(feats)
+    decode = lambda z: z @ W_dec.T + b_pre                          # noqa: E731
+    residual = (feats - old) - (decode(s) - decode(s0))
+    loss = w["mu"] * residual.pow(2).mean()
+    if reg_type == "sae":
+        loss = loss + w["lam_l1"] * (s - s0).abs().mean(dim=-1).mean()
+    else:
+        mask = (s0 != 0).double()
+        loss = loss + w["lam_mask"] * ((1 - mask) * s.abs()).mean()
+        if reg_type == "sae_add_remove":
+            loss = loss + w["lam_remove"] * (mask * torch.relu(s0 - s)).mean()
+    return w["lam"] * loss
+
+
+def clip_scale_pair(B, d, seed):
+    """(h, h0): raw embeddings of norm ≈ 10, as CLIP ViT-B's."""
+    g = torch.Generator().manual_seed(seed)
+    h0 = torch.randn(B, d, generator=g, dtype=torch.float64) * 10 / math.sqrt(d)
+    return h0 + 0.3 * torch.randn(B, d, generator=g, dtype=torch.float64), h0
+
+
+def reg_and_grad(fn, h):
+    h = h.clone().requires_grad_()
+    value = fn(h)
+    value.backward()
+    return value.detach(), h.grad
+
+
+@pytest.mark.parametrize("name", list(AUTHORS_REG))
+def test_raw_space_equals_the_authors_objective(name):
+    """An SAE of the authors' family (b_enc = 0; every row's top-k pre-activations positive, so
+    our ReLU is idle): space="raw" with AUTHORS_WEIGHTS gives their loss and their gradient."""
+    sae = rand_sae(24, 96, 5, seed=3)
+    with torch.no_grad():
+        sae.b_enc.zero_()
+    h, h0 = clip_scale_pair(6, 24, seed=4)
+    for v in (h, h0):                             # the precondition that makes them one family
+        assert ((v - sae.b_dec) @ sae.W_enc.T).topk(5, dim=-1).values.min() > 0
+    w = L.AUTHORS_WEIGHTS
+    encode = lambda x: authors_topk((x - sae.b_dec) @ sae.W_enc.detach().T, sae.k)  # noqa: E731
+    ours, g_ours = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw", **w)["reg"], h)
+    ref, g_ref = reg_and_grad(lambda x: authors_objective(AUTHORS_REG[name], x, h0, encode,
+                                                          sae.W_dec.detach(),
+                                                          sae.b_dec.detach(), w), h)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-12) and ref.item() > 0
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["sae-sparse", "sae-preserve", "sae-preserve-remove"])
+def test_raw_space_applies_our_encoder_as_the_authors_apply_theirs(name):
+    """Our SAE (b_enc ≠ 0, some top-k pre-activations negative, so ReLU zeroes them) in the
+    authors' formula: their loss with the naive raw encoder ReLU(TopK(W_enc(h − b_dec) + b_enc))."""
+    sae = rand_sae(12, 40, 6, seed=5)
+    with torch.no_grad():
+        sae.b_enc.mul_(8.0).sub_(12.0)
+    h, h0 = clip_scale_pair(5, 12, seed=6)
+    pre0 = (h0 - sae.b_dec) @ sae.W_enc.T + sae.b_enc
+    top = pre0.topk(6, dim=-1).values
+    assert (top <= 0).any() and (top > 0).any()         # ReLU matters in this case
+
+    def naive_raw(x):  # loops over NumPy, no normalisation; rows one by one
+        W_enc, b_enc, b_dec = np64(sae.W_enc, sae.b_enc, sae.b_dec)
+        out = np.zeros((x.shape[0], W_enc.shape[0]))
+        for b, row in enumerate(x.detach().numpy()):
+            pre = W_enc @ (row - b_dec) + b_enc
+            for i in np.argsort(-pre)[:sae.k]:
+                out[b, i] = max(pre[i], 0.0)
+        keep = torch.from_numpy(out != 0)     # the active set; values carry x's gradient
+        pre_t = (x - sae.b_dec.detach()) @ sae.W_enc.detach().T + sae.b_enc.detach()
+        return torch.where(keep, pre_t, torch.zeros_like(pre_t))
+
+    w = dict(L.AUTHORS_WEIGHTS, lam_l1=0.3)
+    ours, g_ours = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw", **w)["reg"], h)
+    ref, g_ref = reg_and_grad(lambda x: authors_objective(AUTHORS_REG[name], x, h0, naive_raw,
+                                                          sae.W_dec.detach(),
+                                                          sae.b_dec.detach(), w), h)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-10) and ref.item() > 0
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(AUTHORS_REG))
+def test_unit_and_raw_spaces_coincide_on_unit_norm_inputs(name):
+    sae = rand_sae(16, 48, 4, seed=7)
+    h, h0 = (F.normalize(v, dim=-1) for v in clip_scale_pair(5, 16, seed=8))
+    unit, g_unit = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="unit")["reg"], h)
+    raw, g_raw = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw")["reg"], h)
+    assert unit.item() == pytest.approx(raw.item(), rel=1e-9) and unit.item() > 0
+    # the gradients differ by the normalisation's Jacobian at ||h|| = 1: its tangential projection
+    tangential = lambda g: g - (g * h).sum(-1, keepdim=True) * h    # noqa: E731
+    torch.testing.assert_close(g_unit, tangential(g_raw), rtol=1e-8, atol=1e-12)
+
+
+def test_raw_space_on_clip_scale_inputs_is_another_objective():
+    """At ||h|| ≈ 10 the raw SAE code is not the unit one (b_dec is on the unit scale), so the
+    two spaces are different objectives, not a rescaling of each other."""
+    sae = rand_sae(24, 96, 5, seed=3)
+    h, h0 = clip_scale_pair(8, 24, seed=9)
+    raw_support = L.topk_encode(h, sae.W_enc, sae.b_enc, sae.b_dec, 5, normalise=False)[0] > 0
+    unit_support = L.topk_encode(h, sae.W_enc, sae.b_enc, sae.b_dec, 5)[0] > 0
+    assert (raw_support != unit_support).any(-1).sum() >= 4
+    with pytest.raises(ValueError, match="unknown space"):
+        L.regulariser("l2", h, h0, space="Raw")
+
+
 # ---------------------------------------------------------------- the SAE module
 
 @pytest.mark.parametrize("B,d,n,k", SIZES)

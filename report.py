@@ -135,8 +135,26 @@ def plot(records, out):
     ax.set_title("WiSE-FT: zero-shot (★) → α → fine-tuned (●)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure(fig, out, dpi=150)
+
+
+def check_figure(path, flag):
+    """Before any work: a figure can be written to `path`, in a format matplotlib knows (it
+    is read from the file name's suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    runs.check_writable(path, flag, folder=False)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"{flag} {path}: the figure's format comes from the file name's suffix; "
+                        f"use one of .{', .'.join(sorted(formats))}")
+
+
+def save_figure(fig, out, dpi):
+    """Save and close a matplotlib figure, atomically (a crash leaves the old file or none)."""
+    import matplotlib.pyplot as plt
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
+    runs.atomic_write(out, lambda tmp: fig.savefig(tmp, format=Path(out).suffix.lower()[1:],
+                                                   dpi=dpi, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -146,6 +164,7 @@ def plot_main(argv):
     p.add_argument("results", help="results JSONL written by evaluate.py")
     p.add_argument("--out", default="wise_ft.png", help="PNG to write")
     args = p.parse_args(argv)
+    check_figure(args.out, "--out")
     records = runs.read_jsonl(args.results)
     if not records:
         raise UserError(f"{args.results} holds no results")

@@ -397,7 +397,7 @@ def save_grid(dataset, indices, acts, labels, classnames, path, columns=GRID_COL
         grid.paste(img, (x, y))
         caption = f"{acts[i]:.2f} {classnames[labels[i]]}"
         draw.text((x + 2, y + thumb + 1), caption[:thumb // 6], fill="black")
-    grid.save(path)
+    runs.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def read_probes(path):

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import (CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write, load_json,  # noqa: F401
-                  load_safetensors, read_text, reading)
+from runs import (CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write, brief,  # noqa: F401
+                  load_json, load_safetensors, read_text, reading)
 from sae import TopKSAE
 
 # File names open_clip's `local-dir:` loader looks for, in its order of preference
@@ -104,7 +104,11 @@ def _check_local_dir(path):
 
 def _how_to_get(model_name, pretrained, error):
     if model_name.startswith("local-dir:"):
-        return f"could not load {model_name}: {error}"
+        return (f"could not load {model_name} ({brief(error)}); its weights file may be "
+                "damaged: write the folder again")
+    if pretrained and os.path.isfile(pretrained):
+        return (f"could not load {pretrained} as weights of {model_name} ({brief(error)}); "
+                "pass an undamaged checkpoint of this model")
     what = model_name if model_name.startswith("hf-hub:") else f"{model_name} / {pretrained}"
     return (f"could not load the weights of {what}: {error}. They are downloaded from the "
             "Hugging Face hub on first use: run once with internet access and HF_HUB_OFFLINE "

@@ -26,8 +26,8 @@ import contextlib
 import json
 import math
 import os
-import socket
 import random
+import socket
 import sys
 import tempfile
 import time

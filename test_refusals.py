@@ -340,3 +340,11 @@ def test_damaged_cache_entry_is_recomputed(argv, tmp_path, capfd):
     first, again = load_file(tmp_path / "out" / "sae.safetensors"), load_file(
         tmp_path / "again" / "sae.safetensors")
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_damaged_clip_weights(argv, tiny_clip_dir, tmp_path):
+    bad = copy_of(tiny_clip_dir, tmp_path / "bad_clip")
+    truncate(bad / "open_clip_model.safetensors")
+    main, args = argv["train_sae"]
+    refused(main, setting(args, "--model", f"local-dir:{bad}"), f"could not load "
+            f"local-dir:{bad} (", unchanged=[tmp_path])

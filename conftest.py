@@ -8,6 +8,8 @@ the scripts the tests start, which inherit the environment).
                         family — ViT, ViT + QuickGELU, ModifiedResNet, a timm ConvNeXt)
     tiny_image_dataset  a save_to_disk DatasetDict, 4 classes, train 64 / test 32, 32-px images
     tiny_image_folder   the same kind of images as class sub-folders of PNG files
+    refused             a stage's main(argv) must end in one `error: …` line and change nothing
+                        on disk (the helper every bad-input test shares)
 """
 import json
 import os
@@ -146,3 +148,37 @@ def tiny_image_folder(tmp_path_factory):
     """Path of an image folder: <class name>/<i>.png, the 4 shape classes, 4 images each."""
     root = tmp_path_factory.mktemp("tiny_folder") / "shapes"
     return write_image_folder(str(root), [c.replace(" ", "_") for c in SHAPE_CLASSES])
+
+
+# ------------------------------------------------------------------------------------------
+# Bad input: one `error: …` line, exit status 1, nothing on disk changed
+# ------------------------------------------------------------------------------------------
+
+def snapshot(*paths):
+    """{path: bytes} of every file and folder under `paths` (a folder maps to None, a path
+    that does not exist to "absent"): equal snapshots mean nothing there changed."""
+    from pathlib import Path
+    state = {}
+    for root in map(Path, paths):
+        if not root.exists():
+            state[str(root)] = "absent"
+            continue
+        for p in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            state[str(p)] = p.read_bytes() if p.is_file() else None
+    return state
+
+
+def refused(main, argv, expect, unchanged=()):
+    """Run a stage's `main(argv)` in-process exactly as its command line does (runs.cli). It
+    must stop with one line `error: …` containing `expect` — SystemExit with that text, which
+    the interpreter prints to stderr with exit status 1 — and leave every path in `unchanged`
+    (files or folders, existing or not) as it was. Returns the message."""
+    import runs
+    before = snapshot(*unchanged)
+    with pytest.raises(SystemExit) as e:
+        runs.cli(main, [str(a) for a in argv])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
+    assert expect in msg, msg
+    assert snapshot(*unchanged) == before, "a refused run changed files on disk"
+    return msg

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,8 @@ import torch
 from tqdm import tqdm
 
 
-from runs import UserError, atomic_write  # noqa: F401  (UserError: every stage imports it here)
+# UserError: every stage imports it here
+from runs import UserError, atomic_write, brief, read_text  # noqa: F401
 
 
 # ============================================================================================
@@ -208,7 +210,8 @@ def read_names_file(spec):
         return list(IMAGENET_CLASSNAMES)
     if not Path(spec).is_file():
         raise UserError(f"class-names file not found: {spec} (or pass 'imagenet')")
-    return [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    text = read_text(spec, "class names (text, one per line)", "pass a text file or 'imagenet'")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
 def check_label_range(dataset, num_classes, label_column="label"):
@@ -365,9 +368,13 @@ def cached_embeddings(cache_dir, key, compute):
     from safetensors.torch import save_file
     path = cache_path(cache_dir, key)
     if path.exists():
-        with safe_open(str(path), framework="pt") as f:
-            if (f.metadata() or {}).get("key") == _key_json(key):
-                return {name: f.get_tensor(name) for name in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("key") == _key_json(key):
+                    return {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # truncated or damaged: a cache entry is only ever a shortcut
+            print(f"warning: the embedding cache file {path} is unreadable ({brief(e)}); "
+                  "computing the embeddings again", file=sys.stderr)
     tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": _key_json(key)}))

@@ -168,6 +168,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_outputs(args):
+    """Before any work: numbers in range, a device this machine has, and outputs that can be
+    written. --results needs no lock: each line is appended whole (runs.append_jsonl) and
+    carries this invocation's eval_id, and the table reads back only those lines; a results
+    file already there must be readable, as it is read back at the end."""
+    runs_io.check_ranges(args, {"max_samples": "[1, inf)", "batch_size": "[1, inf)",
+                                "workers": "[0, inf)"})
+    runs_io.check_device(args.device)
+    runs_io.check_writable(args.results, "--results", folder=False)
+    runs_io.read_jsonl(args.results, missing_ok=True)
+    if args.plot:
+        report.check_figure(args.plot, "--plot")
+
+
 def parse_alphas(text):
     """'0.5' / '0,0.5,1' / 'sweep' / 'none' → list of α in [0, 1]."""
     if text == "sweep":
@@ -338,6 +352,7 @@ def representation_metrics(h, h0, sae, device, chunk=8192):
 
 def evaluate(args):
     # ---- settings (fail fast, before any model or image is loaded)
+    check_outputs(args)
     alphas = parse_alphas(args.wise_alphas)
     specs = parse_sets(args)
     if args.plot and not any(s.role == "ood" for s in specs):

@@ -186,19 +186,28 @@ def parse_args(argv=None):
 
 
 
+# Every numeric flag's valid range (runs.check_ranges). AdamW's first step is 10·lr, and
+# float32 ends at 3.4e38.
+RANGES = {"max_samples": "[1, inf)", "lam": "[0, inf)", "mu": "[0, inf)",
+          "lam_mask": "[0, inf)", "lam_l1": "[0, inf)", "lam_remove": "[0, inf)",
+          "epochs": "[1, inf)", "lr": "(0, 1e37]", "wd": "[0, inf)", "warmup_steps": "[0, inf)",
+          "batch_size": "[1, inf)", "accum_steps": "[1, inf)", "clip_grad": "(0, inf)",
+          "label_smoothing": "[0, 1)", "max_steps": "[0, inf)", "seed": runs.SEED_RANGE,
+          "workers": "[0, inf)", "log_every": "[1, inf)", "save_every": "[0, inf)",
+          "probe_every": "[0, inf)", "probe_size": "[1, inf)"}
+
+
 def check_args(args):
-    """Fail fast on settings that cannot work together."""
+    """Fail fast on settings that cannot work together, numbers out of range, a device this
+    machine lacks."""
+    runs.check_ranges(args, RANGES)
+    runs.check_device(args.device)
     if args.reg.startswith("sae") and not args.sae:
         raise UserError(f"--reg {args.reg} needs the frozen zero-shot SAE: pass --sae DIR "
                         "(the --out of train_sae.py)")
     if args.cache_zero_shot and args.augment:
         raise UserError("--cache-zero-shot needs --no-augment: with random crops the frozen "
                         "model must see each step's own crop, which a cache cannot hold")
-    for name in ("epochs", "batch_size", "accum_steps", "log_every", "probe_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.max_steps is not None and args.max_steps < 0:
-        raise UserError("--max-steps must be >= 0")
 
 
 # ============================================================================================
@@ -216,7 +225,8 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     """One optimiser step over `micro_batches` (--accum-steps of (images, labels, indices)).
 
     L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
-    then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN
+    then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN,
+    and the run stops before anything is saved when the update made a weight inf/NaN
     (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends — bench.py times the
     phases through it."""
     mark = mark or (lambda phase: None)
@@ -249,6 +259,9 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     check_finite({"grad-norm": grad_norm}, "gradient")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    bad = runs.first_non_finite(clf.state_dict().items())   # before any checkpoint holds it
+    if bad is not None:
+        raise NonFiniteLoss("weights after the update", bad)
     mark("optimiser")
     return StepResult(terms, 100 * correct.item() / seen, grad_norm)
 
@@ -266,7 +279,8 @@ def zero_shot_target(f0, x, idx, h, h0_cache):
 
 
 class NonFiniteLoss(UserError):
-    """A loss term or the gradient norm became inf/NaN; the run stops before the bad step."""
+    """A loss term, the gradient norm or (after a step) a weight became inf/NaN; the run stops
+    before anything non-finite is saved."""
 
     def __init__(self, what, term, step=None):
         self.what, self.term = what, term
@@ -330,7 +344,7 @@ def embed(encoder, images, args):
 # ============================================================================================
 
 def train(args):
-    check_args(args)
+    """The run (its settings checked by check_args, its --out held by runs.hold)."""
     ckpt = runs.check_out(args.out, (models.WEIGHT_FILE, runs.CHECKPOINT), args.resume,
                           args.overwrite)
     if ckpt is not None:
@@ -447,10 +461,12 @@ def train(args):
 def resume(ckpt, clf, opt, out):
     """Restore weights, optimiser, RNGs and position; drop log lines written after the
     checkpoint. Returns (step, epoch, step within the epoch)."""
-    clf.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    runs.set_rng_state(ckpt["rng"])
-    step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
+    with runs.reading(out / runs.CHECKPOINT, "a checkpoint of this model", "the run cannot "
+                      "be resumed from it: start it again with --overwrite"):
+        clf.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        runs.set_rng_state(ckpt["rng"])
+        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
     runs.truncate_jsonl(out / TRAIN_LOG, step)
     runs.truncate_jsonl(out / PROBE_LOG, step)
     print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
@@ -532,7 +548,12 @@ def write_summary(out, step, total_steps, args):
 
 def main(argv=None):
     """The command line: bad input and a diverging run end with one `error: ...` line, exit 1."""
-    return runs.cli(lambda a: train(parse_args(a)), argv)
+    def run(argv):
+        args = parse_args(argv)
+        check_args(args)
+        with runs.hold(args.out):                # one run per --out at a time
+            return train(args)
+    return runs.cli(run, argv)
 
 
 if __name__ == "__main__":

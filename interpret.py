@@ -46,7 +46,6 @@ run's config.json; 10 000 validation images keep z0, z at 10 000 × n floats eac
 Open <out>/report.md in any Markdown viewer (the PNGs sit beside it).
 """
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -57,6 +56,7 @@ import torch.nn.functional as F
 import data
 import losses
 import models
+import report as figures
 import runs
 from data import UserError
 
@@ -125,9 +125,11 @@ def parse_report_args(argv):
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="bf16 autocast on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
-    for name in ("top", "min_images", "images", "texts", "prompt_templates", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
+    runs.check_ranges(args, {name: "[1, inf)" for name in (
+        "top", "min_images", "images", "texts", "prompt_templates", "batch_size", "max_samples")})
+    runs.check_ranges(args, {"workers": "[0, inf)"})
+    runs.check_device(args.device)
+    runs.check_writable(args.results, "--results", folder=False)  # --out: as it is held
     return args
 
 
@@ -139,7 +141,9 @@ def parse_probes_args(argv):
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding probe.jsonl "
                    "(or probe.jsonl files themselves)")
     p.add_argument("--out", default="probes.png", help="PNG to write")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    figures.check_figure(args.out, "--out")
+    return args
 
 
 # ============================================================================================
@@ -393,7 +397,7 @@ def save_grid(dataset, indices, acts, labels, classnames, path, columns=GRID_COL
         grid.paste(img, (x, y))
         caption = f"{acts[i]:.2f} {classnames[labels[i]]}"
         draw.text((x + 2, y + thumb + 1), caption[:thumb // 6], fill="black")
-    grid.save(path)
+    runs.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def read_probes(path):
@@ -409,7 +413,8 @@ def read_probes(path):
         raise UserError(f"{file}: every line needs step, fvu and overlap (finetune.py's probe)")
     run_dir = file.parent
     config = run_dir / models.CONFIG_FILE
-    method = runs.run_method(json.loads(config.read_text())) if config.is_file() else "unknown"
+    method = runs.run_method(runs.load_json(config, "a run config (JSON)", "pass a folder "
+                                            "finetune.py wrote")) if config.is_file() else "unknown"
     return f"{method} ({run_dir.name})", sorted(records, key=lambda r: r["step"])
 
 
@@ -434,9 +439,7 @@ def plot_probes(series, out):
     for ax in (ax_fvu, ax_ov):
         ax.grid(alpha=0.3)
     ax_ov.legend(fontsize=8)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    figures.save_figure(fig, out, dpi=130)
     return drawn
 
 
@@ -724,7 +727,9 @@ def main(argv=None):
         if not argv or argv[0] not in ("report", "probes"):
             raise UserError(usage)
         if argv[0] == "report":
-            return report(parse_report_args(argv[1:]))
+            args = parse_report_args(argv[1:])
+            with runs.hold(args.out):            # one report per --out at a time
+                return report(args)
         return probes_main(parse_probes_args(argv[1:]))
     return runs.cli(run, argv)
 

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write  # noqa: F401
+from runs import (CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write, brief,  # noqa: F401
+                  load_json, load_safetensors, read_text, reading)
 from sae import TopKSAE
 
 # File names open_clip's `local-dir:` loader looks for, in its order of preference
@@ -103,7 +104,11 @@ def _check_local_dir(path):
 
 def _how_to_get(model_name, pretrained, error):
     if model_name.startswith("local-dir:"):
-        return f"could not load {model_name}: {error}"
+        return (f"could not load {model_name} ({brief(error)}); its weights file may be "
+                "damaged: write the folder again")
+    if pretrained and os.path.isfile(pretrained):
+        return (f"could not load {pretrained} as weights of {model_name} ({brief(error)}); "
+                "pass an undamaged checkpoint of this model")
     what = model_name if model_name.startswith("hf-hub:") else f"{model_name} / {pretrained}"
     return (f"could not load the weights of {what}: {error}. They are downloaded from the "
             "Hugging Face hub on first use: run once with internet access and HF_HUB_OFFLINE "
@@ -250,7 +255,9 @@ def load_templates(spec):
         return list(TEMPLATES[spec])
     if not Path(spec).is_file():
         raise UserError(f"templates '{spec}': not one of {sorted(TEMPLATES)} and not a file")
-    lines = [ln.strip() for ln in Path(spec).read_text().splitlines() if ln.strip()]
+    text = read_text(spec, "prompt templates (text, one per line)",
+                     f"pass a text file or one of {sorted(TEMPLATES)}")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     bad = [ln for ln in lines if "{}" not in ln]
     if not lines or bad:
         raise UserError(f"templates file {spec}: every line needs a {{}} where the class name "
@@ -388,18 +395,19 @@ def save_classifier(out_dir, clf, config):
 def load_classifier(model_dir, device="cpu"):
     """(clf, config) from a save_classifier folder; rebuilds the architecture from the config
     (no download) and loads the weights strictly."""
-    from safetensors.torch import load_file
     d = Path(model_dir)
     missing = [f for f in (WEIGHT_FILE, CONFIG_FILE) if not (d / f).is_file()]
     if missing:
         raise UserError(f"{model_dir} is not a saved classifier: missing {missing}")
-    config = json.loads((d / CONFIG_FILE).read_text())
-    visual = build_visual(config["model_cfg"])
-    clf = ImageClassifier(visual, torch.zeros(config["num_classes"], config["embed_dim"]), 1.0)
-    try:
-        clf.load_state_dict(load_file(str(d / WEIGHT_FILE)), strict=True)
-    except RuntimeError as e:
-        raise UserError(f"weights in {d / WEIGHT_FILE} do not match its config.json: {e}") from e
+    fix = "pass a folder finetune.py wrote (a damaged run must be trained again)"
+    config = load_json(d / CONFIG_FILE, "a classifier config (JSON)", fix)
+    with reading(d / CONFIG_FILE, "a classifier config (model_cfg, num_classes, embed_dim)", fix):
+        visual = build_visual(config["model_cfg"])
+        clf = ImageClassifier(visual, torch.zeros(config["num_classes"], config["embed_dim"]),
+                              1.0)
+    weights = load_safetensors(d / WEIGHT_FILE, "classifier weights (safetensors)", fix)
+    with reading(d / WEIGHT_FILE, f"the weights its {CONFIG_FILE} describes", fix):
+        clf.load_state_dict(weights, strict=True)
     return clf.to(device).eval(), config
 
 

@@ -134,16 +134,13 @@ def new_figure():
 
 
 def finish_figure(fig, ax, out, id_name, ood_names, title):
-    """Axis labels, title, grid and legend; save to `out` (PNG) and close."""
-    import matplotlib.pyplot as plt
+    """Axis labels, title, grid and legend; save to `out` (atomically) and close."""
     ax.set_xlabel(f"ID top-1 (%), {id_name}")
     ax.set_ylabel("OOD mean top-1 (%)" + (f", {', '.join(ood_names)}" if ood_names else ""))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, out, dpi=150)
 
 
 def plot(records, out):
@@ -171,12 +168,33 @@ def plot(records, out):
     finish_figure(fig, ax, out, id_name, ood, "WiSE-FT: zero-shot (★) → α → fine-tuned (●)")
 
 
+def check_figure(path, flag):
+    """Before any work: a figure can be written to `path`, in a format matplotlib knows (it
+    is read from the file name's suffix)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    runs.check_writable(path, flag, folder=False)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(path).suffix.lower().lstrip(".") not in formats:
+        raise UserError(f"{flag} {path}: the figure's format comes from the file name's suffix; "
+                        f"use one of .{', '.join(sorted(formats))}")
+
+
+def save_figure(fig, out, dpi):
+    """Save and close a matplotlib figure, atomically (a crash leaves the old file or none)."""
+    import matplotlib.pyplot as plt
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write(out, lambda tmp: fig.savefig(tmp, format=Path(out).suffix.lower()[1:],
+                                                   dpi=dpi, bbox_inches="tight"))
+    plt.close(fig)
+
+
 def plot_main(argv):
     p = argparse.ArgumentParser(prog="report.py plot", description="The ID-vs-OOD-mean figure "
                                 "and the table from evaluate.py's JSON lines alone.")
     p.add_argument("results", help="results JSONL written by evaluate.py")
     p.add_argument("--out", default="wise_ft.png", help="PNG to write")
     args = p.parse_args(argv)
+    check_figure(args.out, "--out")
     records = runs.read_jsonl(args.results)
     if not records:
         raise UserError(f"{args.results} holds no results")
@@ -441,6 +459,9 @@ def frontier_main(argv):
     p.add_argument("--out", default="frontier.png", help="PNG of the curves")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
+    check_figure(args.out, "--out")
+    if args.markdown:
+        runs.check_writable(args.markdown, "--markdown", folder=False)
     records = [r for path in args.results for r in runs.read_jsonl(path)]
     zero_shot, curves = frontier_curves(records)
     compared = {k: v for k, v in curves.items() if k != "none"}  # standard FT is one point

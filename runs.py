@@ -4,11 +4,17 @@ Every stage script (train_sae.py, finetune.py, evaluate.py, interpret.py, toy_wo
 the same way, so a reader of a stage file meets the method first and this plumbing only by name:
 
     UserError, HelpFormatter, cli      one error class, one --help style, one `error: …` exit
+    check_ranges, check_device         numeric flags and --device, checked before any work
+    check_writable                     an output path can be written, checked before any work
+    reading, read_text, load_json,     every file a user points to, read through one guard
+    check_safetensors, load_safetensors
     atomic_write, write_json           a crash leaves the old file or none, never half a file
     append_jsonl, read_jsonl           logs and results: one JSON object per line
+    hold                               one run per output folder (a lock file with the pid)
     check_out, clear_out               never replace a run silently; --resume / --overwrite
     rng_state, set_rng_state, seed_all every RNG a run touches, saved in its checkpoint
     save_checkpoint, load_checkpoint   checkpoint.pt, atomic, loadable with weights_only=True
+    first_non_finite                   nothing inf/NaN reaches a checkpoint
     truncate_jsonl                     on resume, drop log lines written after the checkpoint
     read_run, Run                      a finetune.py output folder and what its config says
 
@@ -16,11 +22,15 @@ Exact resume also needs a data order that is a pure function of (seed, epoch): t
 the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
 """
 import argparse
+import contextlib
 import json
+import math
 import os
 import random
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +59,135 @@ def cli(main, argv=None):
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
     except (UserError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit("error: " + " ".join(str(e).split()))            # one line, whatever e holds
+
+
+def brief(e):
+    """An exception as a short one-line phrase: `SafetensorError: header too small`."""
+    text = " ".join(str(e).split())
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# ============================================================================================
+# Settings: numbers, devices and output paths, checked before any work
+# ============================================================================================
+
+SEED_RANGE = "[0, 4294967295]"   # numpy's global RNG (runs.seed_all) takes 32-bit seeds
+
+
+def check_ranges(args, ranges):
+    """Each flag in `ranges` (attribute name -> interval such as "[1, inf)", "(0, inf)",
+    "[0, 1)") must be a finite number inside its interval; unset flags (None) pass."""
+    for name, interval in ranges.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        lo, hi = (float(t) for t in interval[1:-1].split(","))
+        inside = (lo < value if interval[0] == "(" else lo <= value) and \
+            (value < hi if interval[-1] == ")" else value <= hi)
+        if not (math.isfinite(value) and inside):
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise UserError(f"--{name.replace('_', '-')} {value} must be {finite}"
+                            f"{_interval_words(interval)}")
+
+
+def _interval_words(interval):
+    """"[1, inf)" -> ">= 1"; "[0, 1)" -> "in [0, 1)"."""
+    lo, hi = (t.strip() for t in interval[1:-1].split(","))
+    if hi == "inf":
+        return f"{'>' if interval[0] == '(' else '>='} {lo}"
+    return f"in {interval}"
+
+
+def check_device(device):
+    """--device must name a device this machine has: cpu, cuda / cuda:N (a visible GPU), mps."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA GPU is visible on this machine "
+                            "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA GPU(s), "
+                            f"cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device}: only cpu, cuda[:N] and mps are supported")
+
+
+def check_writable(path, flag, folder):
+    """Before any work: `path` can be written as a folder (folder=True) or a file. Nothing in
+    the way may be a file where a folder is needed or the reverse, and the deepest existing
+    folder on the way must be writable."""
+    path = Path(path)
+    kind = "folder" if folder else "file"
+    if path.exists():
+        if path.is_dir() != folder:
+            raise UserError(f"{flag} {path} is a {'file' if folder else 'folder'}, not a {kind}; "
+                            f"choose another {flag}")
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, so the {kind} cannot be made; "
+                        f"choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot create anything in {parent} (not writable)")
+
+
+# ============================================================================================
+# Reading files the user points to: one guarded path
+# ============================================================================================
+
+@contextlib.contextmanager
+def reading(path, what, fix):
+    """Any error while reading `path` (truncated, corrupt, foreign, a missing key) becomes one
+    UserError that names the file, what it should hold and what to do."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:  # whatever the reader raises on a damaged or foreign file
+        raise UserError(f"cannot read {path} as {what} ({brief(e)}); {fix}") from e
+
+
+def read_text(path, what, fix):
+    """The text of `path` (UTF-8), read through `reading`."""
+    with reading(path, what, fix):
+        return Path(path).read_text()
+
+
+def load_json(path, what, fix):
+    """The JSON object (a dict) in `path`, read through `reading`."""
+    with reading(path, what, fix):
+        obj = json.loads(Path(path).read_text())
+        if not isinstance(obj, dict):
+            raise ValueError(f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def check_safetensors(path, what, fix):
+    """Check that `path` is a whole safetensors file (its header and size), without reading
+    the tensors: cheap, so a damaged file is found before any work."""
+    from safetensors import safe_open
+    with reading(path, what, fix), safe_open(str(path), framework="pt"):
+        pass
+
+
+def load_safetensors(path, what, fix):
+    """{name: tensor} of a safetensors file, read through `reading`."""
+    from safetensors.torch import load_file
+    with reading(path, what, fix):
+        return load_file(str(path))
 
 
 # ============================================================================================
@@ -73,10 +211,16 @@ def write_json(path, obj, indent=1):
 
 
 def append_jsonl(path, record):
-    """Append one JSON line (a log record or an evaluation result) to `path`."""
+    """Append one JSON line (a log record or an evaluation result) to `path`, in a single
+    write() to a file opened with O_APPEND: processes appending to one results file at once
+    interleave whole lines, never parts of lines."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    line = (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
 
 
 def read_jsonl(path, missing_ok=False):
@@ -86,11 +230,13 @@ def read_jsonl(path, missing_ok=False):
         if missing_ok:
             return []
         raise UserError(f"file not found: {path}")
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    try:
-        return [json.loads(ln) for ln in lines]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} holds a line that is not JSON: {e}") from None
+    with reading(path, "JSON lines (one JSON object per line)", "pass a file this project "
+                 "wrote, or repair the line"):
+        records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
+        if bad:
+            raise ValueError(f"record {bad[0] + 1} is not a JSON object")
+    return records
 
 
 def truncate_jsonl(path, last_step):
@@ -102,27 +248,85 @@ def truncate_jsonl(path, last_step):
 
 
 # ============================================================================================
-# Output folders: never replace a run silently
+# Output folders: one run at a time, never replaced silently
 # ============================================================================================
 
-def check_out(out, held_files, resume=False, overwrite=False):
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def hold(out, flag="--out"):
+    """Hold the output folder `out` for the block: one run per folder at a time.
+
+    `out/.lock` holds the owner's pid, host and start time, and the owner keeps an exclusive
+    flock(2) on it. A second run finds the lock taken and stops with one UserError naming the
+    owner. The kernel drops a flock when its process dies, however it dies, so a lock file left
+    by a killed run is stale by construction: the next run takes it over (with a warning). On
+    exit the lock file goes, and so does the folder if this block created it and left it empty
+    (a run refused for bad input leaves nothing behind)."""
+    import fcntl
+    out = Path(out)
+    check_writable(out, flag, folder=True)
+    created = [d for d in (out, *out.parents) if not d.exists()]   # deepest first
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK
+    try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 4096).decode(errors="replace").strip() or "pid unknown"
+                os.close(fd)
+                raise UserError(f"{flag} {out} is in use by another run ({owner}); wait for it "
+                                f"to finish or choose another {flag}") from None
+            if lock.exists() and os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # locked a file its previous owner removed as we opened it: retry
+        stale = os.read(fd, 4096).decode(errors="replace").strip()
+        if stale:
+            print(f"warning: taking over the stale lock of {out} ({stale}; that run no longer "
+                  "holds it)", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        yield out
+    finally:
+        lock.unlink(missing_ok=True)                  # while still holding the flock
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _remove_empty(folders):
+    for d in folders:                                 # deepest first; stop at a non-empty one
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def check_out(out, held_files, resume=False, overwrite=False, resumable=True):
     """Check --out before any work. Returns the checkpoint to resume (a dict), or None.
 
-    A folder holding any of `held_files` is a run: it is only continued (--resume) or replaced
-    (--overwrite) when asked."""
+    A folder holding any of `held_files` is a run: it is only continued (--resume; stages
+    with `resumable`) or replaced (--overwrite) when asked."""
     out = Path(out)
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other; pick one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    check_writable(out, "--out", folder=True)
     if resume:
         if not (out / CHECKPOINT).is_file():
             raise UserError(f"nothing to resume: no {CHECKPOINT} in {out}")
         return load_checkpoint(out / CHECKPOINT)
     held = [f for f in held_files if (out / f).exists()]
     if held and not overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(held)}); pass --resume to "
-                        "continue it, --overwrite to replace it, or choose another --out")
+        how = "pass --resume to continue it, --overwrite" if resumable else "pass --overwrite"
+        raise UserError(f"{out} already holds a run ({', '.join(held)}); {how} to replace it, "
+                        "or choose another --out")
     return None
 
 
@@ -178,7 +382,24 @@ def save_checkpoint(path, **state):
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state save_checkpoint wrote; a damaged or foreign file is one UserError."""
+    with reading(path, "a checkpoint", "the run cannot be resumed from it: start it again with "
+                 "--overwrite"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a dict")
+        lacking = [k for k in ("step", "args", "rng") if k not in state]
+        if lacking:
+            raise KeyError(f"lacks {lacking}")
+    return state
+
+
+def first_non_finite(named_tensors):
+    """The name of the first tensor holding inf/NaN, or None. One device sync in all."""
+    named = [(k, t) for k, t in named_tensors if t.is_floating_point()]
+    if not named or torch.stack([t.isfinite().all() for _, t in named]).all():
+        return None
+    return next(k for k, t in named if not t.isfinite().all())
 
 
 # ============================================================================================
@@ -202,10 +423,9 @@ def read_run(path):
     missing = [f for f in (WEIGHT_FILE, CONFIG_FILE) if not (d / f).is_file()]
     if missing:
         raise UserError(f"run folder {path} lacks {missing}: pass a folder finetune.py wrote")
-    try:
-        config = json.loads((d / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d / CONFIG_FILE} is not valid JSON: {e}") from e
+    fix = "pass a folder finetune.py wrote (a damaged run must be trained again)"
+    config = load_json(d / CONFIG_FILE, "a run config (JSON)", fix)
+    check_safetensors(d / WEIGHT_FILE, "model weights (safetensors)", fix)
     lacking = [k for k in ("model_name", "classnames", "templates", "model_cfg") if k not in config]
     if lacking:
         raise UserError(f"{d / CONFIG_FILE} lacks {lacking}: not a config finetune.py wrote")

@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from runs import atomic_write  # temp file + os.replace: a crash keeps the old file
+from runs import atomic_write, load_json, load_safetensors, reading  # guarded, atomic files
 from losses import at_least_fp32, topk_encode
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
@@ -102,9 +102,13 @@ class TopKSAE(nn.Module):
             if not (sae_dir / name).is_file():
                 raise FileNotFoundError(f"no {name} in {sae_dir}: pass the folder train_sae.py "
                                         "wrote (its --out)")
-        config = json.loads((sae_dir / CONFIG).read_text())
-        sae = cls(config["d"], config["n"], config["k"])
-        sae.load_state_dict(load_file(sae_dir / WEIGHTS))
+        fix = "pass the folder train_sae.py wrote, or train the SAE again"
+        config = load_json(sae_dir / CONFIG, "an SAE config (JSON with d, n, k)", fix)
+        with reading(sae_dir / CONFIG, "an SAE config (JSON with d, n, k)", fix):
+            sae = cls(config["d"], config["n"], config["k"])
+        weights = load_safetensors(sae_dir / WEIGHTS, "SAE weights (safetensors)", fix)
+        with reading(sae_dir / WEIGHTS, f"the weights of a d={sae.d}, n={sae.n} SAE", fix):
+            sae.load_state_dict(weights)
         return sae.to(device), config
 
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import data
 import finetune
 import models
+from conftest import refused
 from sae import TopKSAE
 
 HERE = Path(__file__).parent
@@ -58,11 +59,7 @@ def read_jsonl(path):
 
 def fails(argv):
     """The `error: ...` message main() exits with (one line, exit status 1 on the CLI)."""
-    with pytest.raises(SystemExit) as e:
-        finetune.main(argv)
-    msg = e.value.code
-    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, msg
-    return msg
+    return refused(finetune.main, argv, "")
 
 
 def test_cli_end_to_end(base, sae_dir, tmp_path):

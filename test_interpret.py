@@ -20,6 +20,7 @@ import conftest
 import finetune
 import interpret
 import models
+from conftest import refused
 from sae import TopKSAE
 
 HERE = Path(__file__).parent
@@ -231,10 +232,7 @@ def test_bad_input_is_one_error_line(setup, tiny_image_dataset, tmp_path):
              (["probes", str(tmp_path), "--out", str(tmp_path / "p.png")], "probe.jsonl"),
              (["explain"], "usage")]
     for argv, says in cases:
-        with pytest.raises(SystemExit) as e:
-            interpret.main(argv)
-        msg = str(e.value.code)
-        assert msg.startswith("error: ") and says in msg and "\n" not in msg, msg
+        refused(interpret.main, argv, says, unchanged=[tmp_path])
 
 
 # ------------------------------------------------------------------ probes over training

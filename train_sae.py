@@ -19,7 +19,6 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
         --out runs/vitb16/sae
 """
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -76,7 +75,25 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
                    "initialisation and the batch order")
     g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
+    g.add_argument("--overwrite", action="store_true", help="replace an SAE already in --out")
     return p.parse_args(argv)
+
+
+# Every numeric flag's valid range (runs.check_ranges). A batch needs 2 rows: FVU divides by
+# the batch's variance. Adam's first step is 10·lr, and float32 ends at 3.4e38.
+RANGES = {"max_samples": "[1, inf)", "expansion": "[1, inf)", "k": "[1, inf)",
+          "aux_k": "[1, inf)", "aux_coef": "[0, inf)", "dead_samples": "[1, inf)",
+          "epochs": "[1, inf)", "batch_size": "[2, inf)", "lr": "(0, 1e37]",
+          "warmup_steps": "[0, inf)", "clip_grad": "(0, inf)", "val_fraction": "(0, 1)",
+          "extract_batch_size": "[1, inf)", "workers": "[0, inf)", "seed": runs.SEED_RANGE}
+OUT_FILES = ("sae.safetensors", "sae_config.json", "metrics.json")
+
+
+def check_args(args):
+    """Fail fast, before any work: numbers in range, a device this machine has (--out is
+    checked as the run takes hold of it)."""
+    runs.check_ranges(args, RANGES)
+    runs.check_device(args.device)
 
 
 def zero_shot_embeddings(args):
@@ -110,7 +127,8 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
              clip=1.0):
     """One SAE optimisation step on a batch of embeddings (B, d): loss = FVU + α_aux·AuxK over
     the latents that have not fired for `dead_samples` samples (since_fired (n,)), then
-    remove-parallel-grad → clip → step → renormalise atoms. Returns (since_fired, fvu, auxk)."""
+    remove-parallel-grad → clip → step → renormalise atoms. Returns (since_fired, fvu, auxk).
+    A non-finite loss, or weights the update made non-finite, stop the run (nothing is saved)."""
     out = sae(batch)
     fvu = losses.fvu(out.x, out.x_hat)
     dead = since_fired >= dead_samples                                  # (n,) Gao et al. AuxK
@@ -118,7 +136,7 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
     auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
     loss = fvu + aux_coef * auxk
     if not torch.isfinite(loss):
-        raise UserError(f"non-finite SAE loss at step {step} (fvu {fvu.item()}, auxk "
+        raise UserError(f"non-finite SAE loss at step {step + 1} (fvu {fvu.item()}, auxk "
                         f"{auxk.item()}); lower --lr")
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -128,6 +146,10 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
         group["lr"] = lr
     opt.step()                                                          # → step → renormalise
     sae.normalise_atoms()
+    bad = runs.first_non_finite(sae.named_parameters())
+    if bad is not None:
+        raise UserError(f"non-finite SAE weights ({bad}) after the update of step {step + 1}; "
+                        "nothing was saved. Lower --lr")
     fired = (out.z > 0).any(0)
     return torch.where(fired, 0, since_fired + len(batch)), fvu, auxk
 
@@ -146,16 +168,38 @@ def held_out_report(sae, h, batch_size):
             "dead_fraction": losses.dead_features(z) / sae.n}
 
 
+def batch_slices(N, batch_size):
+    """One epoch's batches as slices of N rows; a last batch of a single row joins the one
+    before it (FVU, a ratio to the batch's variance, is 0/0 on one row)."""
+    starts = list(range(0, N, batch_size))
+    if len(starts) > 1 and N - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [N])]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
+    with runs.hold(args.out):                     # one run per --out at a time
+        runs.check_out(args.out, OUT_FILES, overwrite=args.overwrite, resumable=False)
+        return train(args)
 
-    # ---- data: cached zero-shot embeddings, split into train / held-out
+
+def train(args):
+    # ---- data: cached zero-shot embeddings, split into train / held-out (≥ 2 rows each:
+    # FVU is a ratio to their variance)
     h, _ = zero_shot_embeddings(args)                                   # (N, d)
-    if len(h) < 2:
-        raise UserError(f"{args.train_data} gave {len(h)} embedding(s); the SAE needs at least 2")
+    n_val = max(2, int(args.val_fraction * len(h)))
+    if len(h) - n_val < 2:
+        raise UserError(f"{args.train_data} gave {len(h)} embeddings, {n_val} of them held out "
+                        f"(--val-fraction {args.val_fraction}, at least 2): fewer than 2 are left "
+                        "to train on; use more images or a smaller --val-fraction")
     perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(args.seed))
-    n_val = min(len(h) - 1, max(1, int(args.val_fraction * len(h))))
     h_val, h_train = h[perm[:n_val]].to(args.device), h[perm[n_val:]].to(args.device)
+    for name, part in (("held-out", h_val), ("training", h_train)):
+        if F.normalize(part, dim=-1).var(0).sum() < 1e-8:       # the variance FVU divides by
+            raise UserError(f"the {len(part)} {name} embeddings of {args.train_data} are all "
+                            "the same vector: nothing for an SAE to learn (duplicate images?)")
     N, d = h_train.shape
     n = args.expansion * d
     if not 1 <= args.k <= n:
@@ -175,13 +219,13 @@ def main(argv=None):
 
     # ---- loop
     step, t0 = 0, time.time()
-    batches_per_epoch = math.ceil(N / args.batch_size)
+    batches = batch_slices(N, args.batch_size)
     print(f"SAE d={d} n={n} k={args.k} | {N} train / {n_val} held-out embeddings | "
-          f"lr {base_lr:.2e} | {batches_per_epoch} steps/epoch")
+          f"lr {base_lr:.2e} | {len(batches)} steps/epoch")
     for epoch in range(args.epochs):
         order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-        for i in range(0, N, args.batch_size):
-            batch = h_train[order[i:i + args.batch_size].to(args.device)]
+        for rows in batches:
+            batch = h_train[order[rows].to(args.device)]
             since_fired, fvu, auxk = sae_step(sae, opt, batch, since_fired, dead_samples,
                                               lr_at(step, base_lr, args.warmup_steps), step,
                                               args.aux_k, args.aux_coef, args.clip_grad)
@@ -197,7 +241,7 @@ def main(argv=None):
             "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
             "split": args.split, "n_train": N, "held_out": report, "args": vars(args)}
     sae.save(args.out, meta)
-    (Path(args.out) / "metrics.json").write_text(json.dumps(report, indent=2))
+    runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
     print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
           f"dead {100 * report['dead_fraction']:.1f}% (train-tracked "
           f"{100 * report['dead_fraction_train']:.1f}%) | saved {args.out}")

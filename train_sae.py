@@ -17,6 +17,8 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
     python train_sae.py --model ViT-B-16-quickgelu --pretrained openai \
         --train-data ILSVRC/imagenet-1k --split train --expansion 4 --k 32 --epochs 10 \
         --out runs/vitb16/sae
+  On 8 GPUs, `torchrun --nproc_per_node=8 train_sae.py …` (same flags): each process embeds
+  1/8 of the images; they are gathered in order, and rank 0 caches them and trains the SAE.
 """
 import argparse
 import json
@@ -94,7 +96,7 @@ def zero_shot_embeddings(args):
         model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
                                                 args.force_quick_gelu or None)
         loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
-                             workers=args.workers, seed=args.seed)
+                             workers=args.workers, seed=args.seed, shard=True)  # torchrun
         h, labels = extract_embeddings(model, loader, args.device)
         return {"h": h, "labels": labels}
 
@@ -148,9 +150,15 @@ def held_out_report(sae, h, batch_size):
 
 def main(argv=None):
     args = parse_args(argv)
+    # ---- torchrun: every process embeds its share of the images; the SAE trains on rank 0
+    args.device = runs.dist_init(args.device)
+    main = runs.is_main()
 
     # ---- data: cached zero-shot embeddings, split into train / held-out
     h, _ = zero_shot_embeddings(args)                                   # (N, d)
+    runs.dist_teardown()
+    if not main:
+        return None
     if len(h) < 2:
         raise UserError(f"{args.train_data} gave {len(h)} embedding(s); the SAE needs at least 2")
     perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(args.seed))

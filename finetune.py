@@ -357,11 +357,12 @@ def train(args):
                                       args.label_column, args.max_samples)
     classnames, templates = resolve_classes(args, dataset)
     effective = args.batch_size * args.accum_steps * world   # torchrun: × W processes
+    processes = f" × {world} processes" if world > 1 else ""
     steps_per_epoch = len(dataset) // effective                # drop the last partial batch
     if steps_per_epoch == 0:  # (under torchrun: some rank would get no micro-batch)
         raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
                         f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps}"
-                        + (f" × {world} processes)" if world > 1 else ")"))
+                        f"{processes})")
     total_steps = args.epochs * steps_per_epoch
     stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
 
@@ -398,11 +399,11 @@ def train(args):
     if ckpt is None and main:
         runs.clear_out(out, RUN_FILES)
     if main:
+        per_rank = f" = {args.batch_size} × {args.accum_steps}{processes}" if world > 1 else ""
         print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
-              f"{len(templates)} templates | effective batch {effective}"
-              + (f" = {args.batch_size} × {args.accum_steps} × {world} processes" if world > 1
-                 else "") + f" | {steps_per_epoch} steps/epoch, {total_steps} total, stopping "
-              f"at {stop} | reg {args.reg}")
+              f"{len(templates)} templates | effective batch {effective}{per_rank} | "
+              f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
+              f"{args.reg}")
         scale_note(h0_probe, args)
     if sae is not None and step == 0 and main:
         runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))

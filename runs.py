@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -57,8 +58,10 @@ def cli(main, argv=None):
     except RuntimeError as e:  # torchrun: another process died, or stalled past DIST_TIMEOUT
         if not lost_contact(e):
             raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's
         sys.exit(f"error: process {rank()} of {world_size()} lost contact with the others "
-                 f"({str(e).splitlines()[0][:200]}); the first error in the log says why")
+                 f"({why[:200]}): another one failed (its own error says why) or did not "
+                 "answer within runs.DIST_TIMEOUT")
 
 
 # ============================================================================================
@@ -269,8 +272,9 @@ def dist_init(device):
     if cuda:
         local = int(os.environ["LOCAL_RANK"])
         if local >= torch.cuda.device_count():
-            raise UserError(f"process {local} on this machine has no GPU ({torch.cuda.device_count()}"
-                            " visible): start at most that many (torchrun --nproc_per_node)")
+            raise UserError(f"torchrun started process {local} on a machine with "
+                            f"{torch.cuda.device_count()} visible GPU(s): start at most one per "
+                            "GPU (--nproc_per_node), or pass --device cpu")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():

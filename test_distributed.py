@@ -22,7 +22,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import evaluate
 import finetune
 import runs

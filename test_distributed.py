@@ -219,13 +219,20 @@ def test_two_processes_end_where_one_process_does(torchrun, one_process):
     assert config["world_size"] == 2 and config["finished"] is True
 
 
-def test_killed_two_process_run_resumes_bit_for_bit(spawned, torchrun):
+def test_killed_two_process_run_resumes_bit_for_bit(spawned, torchrun, paths):
     full, part = torchrun[0], spawned / "part"
     a, b = load_file(full / "model.safetensors"), load_file(part / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full_log, part_log = read_jsonl(full / "train_log.jsonl"), read_jsonl(part / "train_log.jsonl")
     assert [r["step"] for r in part_log] == list(range(1, 9))    # the stray step-4 line dropped
     assert [r["reg"] for r in part_log] == [r["reg"] for r in full_log]
+    # One process cannot continue a 2-process run: its data order would differ.
+    with pytest.raises(SystemExit) as e:
+        finetune.main([*ft_args(paths["clip"], paths["data"], paths["sae"], 4), "--resume",
+                       "--out", str(part)])
+    assert e.value.code == (f"error: the run in {part} was trained by 2 process(es), not 1: "
+                            "resume it with as many (the data order and the effective batch "
+                            "depend on it)")
 
 
 def test_two_process_extraction_equals_one_process(spawned, paths):

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 
+import runs
 # UserError: every stage imports it here
 from runs import UserError, atomic_write, brief, read_text  # noqa: F401
 
@@ -246,14 +247,27 @@ class TorchImageDataset(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0,
-                drop_last=False):
+                drop_last=False, shard=False):
     """DataLoader of (images (B,3,H,W), labels (B,)). The shuffle order and the workers' random
-    augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch)."""
+    augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch).
+    shard: under torchrun, only this process's share of the images (Shard); extract_outputs
+    gathers every share back, in order."""
     gen = torch.Generator().manual_seed(seed)
+    images = TorchImageDataset(dataset, transform)
+    if shard and runs.world_size() > 1:                     # torchrun: this rank's share
+        images = Shard(images)
     return torch.utils.data.DataLoader(
-        TorchImageDataset(dataset, transform), batch_size=batch_size, shuffle=shuffle,
+        images, batch_size=batch_size, shuffle=shuffle,
         num_workers=workers, generator=gen, pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0, drop_last=drop_last)
+
+
+class Shard(torch.utils.data.Subset):
+    """Under torchrun, rank r of W's contiguous share of a dataset, rows ⌊r·n/W⌋ … ⌊(r+1)·n/W⌋ − 1
+    (runs.shard_range): the shares of ranks 0…W−1, concatenated, are the dataset in order."""
+
+    def __init__(self, dataset):
+        super().__init__(dataset, range(*runs.shard_range(len(dataset))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,12 +313,19 @@ def epoch_order(seed, epoch, n):
     return torch.randperm(n, generator=g), torch.randint(0, 2 ** 62, (n,), generator=g)
 
 
-def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_memory=False):
+def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_memory=False,
+                 rank=0, world=1):
     """Micro-batches `first`..`count`-1 of epoch `epoch` of a SeededImages (a resumed run skips
-    the ones it has seen): (images (B, 3, H, W), labels (B,), indices (B,))."""
+    the ones it has seen): (images (B, 3, H, W), labels (B,), indices (B,)).
+
+    Under torchrun (world W > 1) micro-batch m of the epoch is images m·B·W … (m+1)·B·W − 1 of
+    the same order, and rank r reads its r-th slice of B: the W ranks together see what one
+    process with --batch-size B·W sees, whatever W is."""
     perm, seeds = epoch_order(seed, epoch, len(images))
     seeds = seeds.tolist()
-    keys = [(i, seeds[i]) for i in perm[first * batch_size:count * batch_size].tolist()]
+    order = perm[first * batch_size * world:count * batch_size * world]
+    order = order.view(-1, world, batch_size)[:, rank].reshape(-1)  # (count − first)·B
+    keys = [(i, seeds[i]) for i in order.tolist()]
     return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
                                        num_workers=workers, pin_memory=pin_memory)
 
@@ -313,20 +334,25 @@ def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
 
     Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
-    bf16 autocast only on CUDA (one GPU, bf16); CPU runs stay fp32.
+    bf16 autocast only on CUDA (one GPU, bf16); CPU runs stay fp32. A loader over a Shard
+    (make_loader(shard=True) under torchrun): every rank embeds its share, and gets them all.
     """
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
     outs, labels = [], []
+    quiet = {} if runs.is_main() else {"disable": True}    # torchrun: rank 0's progress bar
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-        for images, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+        for images, y in tqdm(loader, desc=desc, unit="batch", leave=False, **quiet):
             out = fn(images.to(device, non_blocking=True))
             out = out if isinstance(out, (tuple, list)) else (out,)
             outs.append([o.float().cpu() for o in out])
             labels.append(y)
     if not outs:
         raise UserError("no batches to extract: the dataset is empty")
-    return [torch.cat(cols) for cols in zip(*outs)], torch.cat(labels).long()
+    outs, labels = [torch.cat(cols) for cols in zip(*outs)], torch.cat(labels).long()
+    if isinstance(getattr(loader, "dataset", None), Shard):  # torchrun: all shares, in order
+        outs, labels = [runs.gather_rows(o) for o in outs], runs.gather_rows(labels)
+    return outs, labels
 
 
 def extract_embeddings(model, loader, device, amp=True):
@@ -362,25 +388,37 @@ def cached_embeddings(cache_dir, key, compute):
 
     `key` (a JSON-able dict: model, pretrained, dataset source, split, columns, max_samples,
     transform…) names the file and is stored inside it (safetensors metadata) and beside it
-    (`.json`, for people); a file whose stored key differs is never returned.
+    (`.json`, for people); a file whose stored key differs is never returned. Under torchrun
+    every rank reads the file, or (if any rank misses it) every rank computes; rank 0 writes.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
     path = cache_path(cache_dir, key)
-    if path.exists():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == _key_json(key):
-                    return {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # truncated or damaged: a cache entry is only ever a shortcut
-            print(f"warning: the embedding cache file {path} is unreadable ({brief(e)}); "
-                  "computing the embeddings again", file=sys.stderr)
+    found = _read_cached(path, key)
+    if runs.everyone(found is not None):
+        return found
     tensors = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+    if not runs.is_main():                                   # torchrun: rank 0 writes
+        return tensors
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": _key_json(key)}))
     atomic_write(path.with_suffix(".json"),
                   lambda tmp: Path(tmp).write_text(json.dumps(key, indent=1, sort_keys=True)))
     return tensors
+
+
+def _read_cached(path, key):
+    """The tensors of the cache file at `path` if it holds `key`, else None."""
+    from safetensors import safe_open
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") == _key_json(key):
+                return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # truncated or damaged: a cache entry is only ever a shortcut
+        print(f"warning: the embedding cache file {path} is unreadable ({brief(e)}); "
+              "computing the embeddings again", file=sys.stderr)
+    return None
 
 
 def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,

@@ -81,6 +81,8 @@ Mean ± std over seeds (one results file per fine-tuning seed; rows pooled by me
     python report.py seeds runs/toy/seed0/results.jsonl runs/toy/seed1/results.jsonl ...
 
 Quick look: add --max-samples 2000 (a fixed random subset of every set).
+On 8 GPUs, `torchrun --nproc_per_node=8 evaluate.py …` (same flags): each process embeds 1/8 of
+every set, the embeddings are gathered in order, rank 0 scores them and writes the lines.
 """
 import argparse
 import os
@@ -266,7 +268,8 @@ def parse_sets(args):
 def embed(clf, s, preprocess, args):
     """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform."""
     transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
-    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
+    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
+                              shard=True)                # torchrun: each rank its share
     (h,), labels = data.extract_outputs(clf.encode, loader, args.device, amp=True,
                                         desc=s.spec.name)
     return h, labels
@@ -364,6 +367,9 @@ def evaluate(args):
         raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
                         "them there too")
     zs = zero_shot_settings(args, runs)
+    # ---- torchrun: every process embeds its share of each set; rank 0 scores and writes
+    args.device = runs_io.dist_init(args.device)
+    main = runs_io.is_main()
     sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, zs.model, zs.pretrained,
                                            zs.quick_gelu) if args.sae else (None, {}))
     # ---- data
@@ -386,6 +392,8 @@ def evaluate(args):
             t0 = time.time()
             h, labels = embed(work, s, preprocess, args)
             h0.setdefault(s.spec.name, h)          # the zero-shot model comes first
+            if not main:
+                continue
             top1, n_classes = accuracy(work, h, labels, s, args.device)
             metrics = {"top1": top1, "n_classes": n_classes,
                        **benchmark_metrics(work, h, labels, s, args.device),
@@ -401,6 +409,9 @@ def evaluate(args):
                                   {"top1": None, "n_classes": None, **metrics})
                 runs_io.append_jsonl(args.results, rec)
     # ---- report, from the JSON lines just written
+    runs_io.dist_teardown()
+    if not main:
+        return
     mine = [r for r in runs_io.read_jsonl(args.results) if r.get("eval_id") == eval_id]
     print(report.format_table(mine))
     print(f"appended {len(mine)} lines to {args.results}")

@@ -36,6 +36,15 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
   The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
   λ_mask = 10 as defaults; losses.regulariser): add `--sae-space raw`. WILDS (§6.4): `--train-data
   /data/wilds/iwildcam_v2.0 --templates iwildcam` (a folder the `wilds` package wrote).
+The same on 8 GPUs (PyTorch DDP; effective batch = --batch-size × --accum-steps × processes, here
+64 × 1 × 8 = 512, the same images per step as the one-GPU command; multi-node: torchrun's
+--nnodes/--node_rank/--master_addr flags):
+    torchrun --nproc_per_node=8 finetune.py --model ViT-B-16-quickgelu --pretrained openai \
+        --train-data ILSVRC/imagenet-1k --sae runs/vitb16/sae --reg sae-preserve \
+        --batch-size 64 --accum-steps 1 --workers 8 --out runs/vitb16/sae_preserve
+  Rank r reads its slice of every step's images (data.epoch_loader); rank 0 logs, probes and
+  writes. BatchNorm towers (ModifiedResNet) keep per-rank BatchNorm, no SyncBatchNorm: each rank
+  normalises its own micro-batch, as each micro-batch does under --accum-steps.
 Faster variant without augmentation: `--no-augment --cache-zero-shot` computes the zero-shot
 targets h0 once for the whole train split instead of a frozen forward per step. It is only valid
 without random augmentation (h0 must be the embedding of the very image fθ sees), hence the
@@ -47,6 +56,7 @@ step: every loss term), probe.jsonl (FVU and feature overlap of the zero-shot SA
 probe set over training, §4), summary.json.
 """
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -57,6 +67,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import losses
@@ -232,27 +243,34 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     mark = mark or (lambda phase: None)
     device = next(clf.parameters()).device
     amp = args.amp and device.type == "cuda"                 # bf16 autocast on GPU only
+    ddp = isinstance(clf, DDP)                               # torchrun: clf is wrapped in DDP
+    visual = (clf.module if ddp else clf).visual
     sums, correct, seen = {}, 0, 0
-    for x, y, idx in micro_batches:
+    for i, (x, y, idx) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
-            logits, h = clf(x)                                            # (B, C), (B, d)
-            mark("forward")
-            h0 = zero_shot_target(f0, x, idx, h, h0_cache)                # (B, d), no grad
-            mark("zero_shot_target")
-        ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-        terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
-                                   lam_l1=args.lam_l1, lam_mask=args.lam_mask,
-                                   lam_remove=args.lam_remove,
-                                   space=args.sae_space)                  # λ·R in "reg"
-        loss = ce + terms["reg"]                                          # L = CE + λ·R (§5)
-        mark("loss")
-        with models.batchnorm_stats_kept(clf.visual):  # checkpointing re-runs BN forward
-            (loss / args.accum_steps).backward()                          # accumulate
-        mark("backward")
+        # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
+        with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                logits, h = clf(x)                                        # (B, C), (B, d)
+                mark("forward")
+                h0 = zero_shot_target(f0, x, idx, h, h0_cache)            # (B, d), no grad
+                mark("zero_shot_target")
+            ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
+                                       lam_l1=args.lam_l1, lam_mask=args.lam_mask,
+                                       lam_remove=args.lam_remove,
+                                       space=args.sae_space)              # λ·R in "reg"
+            loss = ce + terms["reg"]                                      # L = CE + λ·R (§5)
+            mark("loss")
+            with models.batchnorm_stats_kept(visual):  # checkpointing re-runs BN forward
+                (loss / args.accum_steps).backward()                      # accumulate
+            mark("backward")
         for name, v in {"ce": ce, **terms}.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
         correct, seen = correct + (logits.argmax(-1) == y).sum(), seen + len(y)
+    if ddp:  # torchrun: every rank logs and checks the terms and accuracy over all ranks' images
+        sums = {k: runs.sum_over_ranks(v) / runs.world_size() for k, v in sums.items()}
+        correct, seen = runs.sum_over_ranks(correct), seen * runs.world_size()
     terms = {k: v.item() for k, v in sums.items()}
     check_finite(terms, "loss")                        # a bad step must not reach the weights
     grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()
@@ -345,10 +363,17 @@ def embed(encoder, images, args):
 
 def train(args):
     """The run (its settings checked by check_args, its --out held by runs.hold)."""
+    # ---- torchrun: W processes, rank 0 prints and writes; a plain run is rank 0 of W = 1
+    args.device = runs.dist_init(args.device)
+    world, main = runs.world_size(), runs.is_main()
     ckpt = runs.check_out(args.out, (models.WEIGHT_FILE, runs.CHECKPOINT), args.resume,
                           args.overwrite)
     if ckpt is not None:
         runs.check_same_settings(args.out, ckpt["args"], args, RESUMABLE)
+        if ckpt.get("world_size", 1) != world:
+            raise UserError(f"the run in {args.out} was trained by {ckpt.get('world_size', 1)} "
+                            f"process(es), not {world}: resume it with as many (the data order "
+                            "and the effective batch depend on it)")
     out = Path(args.out)
     runs.seed_all(args.seed)
     device = torch.device(args.device)
@@ -362,10 +387,13 @@ def train(args):
     dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
                                       args.label_column, args.max_samples)
     classnames, templates = resolve_classes(args, dataset)
-    steps_per_epoch = len(dataset) // (args.batch_size * args.accum_steps)  # drop last partial
-    if steps_per_epoch == 0:
+    effective = args.batch_size * args.accum_steps * world   # torchrun: × W processes
+    processes = f" × {world} processes" if world > 1 else ""
+    steps_per_epoch = len(dataset) // effective                # drop the last partial batch
+    if steps_per_epoch == 0:  # (under torchrun: some rank would get no micro-batch)
         raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
-                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps})")
+                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps}"
+                        f"{processes})")
     total_steps = args.epochs * steps_per_epoch
     stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
 
@@ -378,7 +406,8 @@ def train(args):
                         f"{config['embed_dim']}: {args.sae} was trained on another model")
     f0 = models.frozen_copy(clf.visual)          # θ0, never updated (BatchNorm: running stats)
     clf.train()                                  # fθ: BatchNorm normalises by batch statistics
-    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing:
+    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing \
+            and main:
         print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
               "checkpointing; training without it (more memory)", file=sys.stderr)
     images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
@@ -392,17 +421,22 @@ def train(args):
     if h0_cache is not None or args.reg == "none":
         f0 = None  # its job is done: the targets are cached, or not needed (R = 0)
 
+    # ---- torchrun: DDP averages the gradients over the ranks (BatchNorm stays per rank)
+    model = clf if world == 1 else DDP(clf, device_ids=[device] if device.type == "cuda" else None)
+
     # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
     opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
     step, epoch, pos = resume(ckpt, clf, opt, out) if ckpt is not None else (0, 0, 0)
-    if ckpt is None:
+    if ckpt is None and main:
         runs.clear_out(out, RUN_FILES)
-    print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
-          f"{len(templates)} templates | effective batch {args.batch_size * args.accum_steps} | "
-          f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
-          f"{args.reg}")
-    scale_note(h0_probe, args)
-    if sae is not None and step == 0:
+    if main:
+        per_rank = f" = {args.batch_size} × {args.accum_steps}{processes}" if world > 1 else ""
+        print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
+              f"{len(templates)} templates | effective batch {effective}{per_rank} | "
+              f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
+              f"{args.reg}")
+        scale_note(h0_probe, args)
+    if sae is not None and step == 0 and main:
         runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
 
     # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
@@ -412,13 +446,13 @@ def train(args):
             batches = iter(data.epoch_loader(
                 images, args.batch_size, args.seed, epoch, pos * args.accum_steps,
                 steps_per_epoch * args.accum_steps, args.workers,
-                pin_memory=device.type == "cuda"))
+                pin_memory=device.type == "cuda", rank=runs.rank(), world=world))
         lr = lr_at(step, args, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
         try:
-            result = finetune_step(clf, f0, sae, opt, itertools.islice(batches, args.accum_steps),
-                                   args, h0_cache)
+            result = finetune_step(model, f0, sae, opt,
+                                   itertools.islice(batches, args.accum_steps), args, h0_cache)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
         step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
@@ -426,7 +460,9 @@ def train(args):
         if epoch_done:
             epoch, pos, batches = epoch + 1, 0, None
 
-        # ---- log, probe, checkpoint
+        # ---- log, probe, checkpoint (torchrun: rank 0; every rank holds the same weights)
+        if not main:
+            continue
         if step % args.log_every == 0 or step == stop:
             ms = (time.time() - t_log) * 1e3 / steps_since_log
             record = {"step": step, "epoch": epoch + pos / steps_per_epoch, **result.terms,
@@ -441,17 +477,21 @@ def train(args):
         if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
             runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
                                  optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
-                                 args=vars(args))
+                                 args=vars(args), world_size=world)
 
-    # ---- save the model + the config that rebuilds it; summary
-    config.update(args=vars(args), steps=step, total_steps=total_steps,
-                  finished=step == total_steps,
-                  regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
-                               "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
-                               "lam_remove": args.lam_remove, "sae": args.sae,
-                               "sae_space": args.sae_space})
-    models.save_classifier(out, clf, config)
-    return write_summary(out, step, total_steps, args)
+    # ---- save the model + the config that rebuilds it; summary (torchrun: rank 0)
+    summary = None
+    if main:
+        config.update(args=vars(args), steps=step, total_steps=total_steps,
+                      finished=step == total_steps, world_size=world,
+                      regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
+                                   "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
+                                   "lam_remove": args.lam_remove, "sae": args.sae,
+                                   "sae_space": args.sae_space})
+        models.save_classifier(out, clf, config)
+        summary = write_summary(out, step, total_steps, args)
+    runs.dist_teardown()  # torchrun: the others wait for rank 0's files, then all leave
+    return summary
 
 
 # ============================================================================================
@@ -467,9 +507,10 @@ def resume(ckpt, clf, opt, out):
         opt.load_state_dict(ckpt["optimizer"])
         runs.set_rng_state(ckpt["rng"])
         step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
-    runs.truncate_jsonl(out / TRAIN_LOG, step)
-    runs.truncate_jsonl(out / PROBE_LOG, step)
-    print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
+    if runs.is_main():  # torchrun: rank 0 owns the logs
+        runs.truncate_jsonl(out / TRAIN_LOG, step)
+        runs.truncate_jsonl(out / PROBE_LOG, step)
+        print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
     return step, epoch, pos
 
 
@@ -500,7 +541,8 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
                                    args.label_column, args.max_samples, transform="eval")
 
     def compute():
-        loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers)
+        loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers,
+                                  shard=True)                   # torchrun: each rank its share
         (h0,), labels = data.extract_outputs(f0, loader, args.device, args.amp,
                                              desc="zero-shot h0")
         return {"h": h0, "labels": labels}
@@ -551,7 +593,7 @@ def main(argv=None):
     def run(argv):
         args = parse_args(argv)
         check_args(args)
-        with runs.hold(args.out):                # one run per --out at a time
+        with runs.hold_if_main(args.out):        # one run per --out (torchrun: rank 0 holds it)
             return train(args)
     return runs.cli(run, argv)
 

@@ -17,6 +17,8 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     first_non_finite                   nothing inf/NaN reaches a checkpoint
     truncate_jsonl                     on resume, drop log lines written after the checkpoint
     read_run, Run                      a finetune.py output folder and what its config says
+    dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
+    gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
 the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
@@ -27,15 +29,18 @@ import json
 import math
 import os
 import random
+import re
 import socket
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"   # a fine-tuned model (models.py)
 CHECKPOINT = "checkpoint.pt"
@@ -60,6 +65,13 @@ def cli(main, argv=None):
         return main(sys.argv[1:] if argv is None else list(argv))
     except (UserError, FileNotFoundError) as e:
         sys.exit("error: " + " ".join(str(e).split()))            # one line, whatever e holds
+    except RuntimeError as e:  # torchrun: another process died, or stalled past DIST_TIMEOUT
+        if not lost_contact(e):
+            raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's
+        sys.exit(f"error: process {rank()} of {world_size()} lost contact with the others "
+                 f"({why[:200]}): another one failed (its own error says why) or did not "
+                 "answer within runs.DIST_TIMEOUT")
 
 
 def brief(e):
@@ -255,6 +267,12 @@ LOCK = ".lock"
 
 
 @contextlib.contextmanager
+def hold_if_main(out, flag="--out"):
+    """`hold(out)` in a plain run and on torchrun's rank 0 (RANK in the environment, known
+    before the process group is joined); the other ranks of the same job hold nothing."""
+    return hold(out, flag) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+
+
 def hold(out, flag="--out"):
     """Hold the output folder `out` for the block: one run per folder at a time.
 
@@ -441,3 +459,110 @@ def run_method(config):
         if isinstance(c, dict) and c.get("reg"):
             return str(c["reg"])
     return "unknown"
+
+
+# ============================================================================================
+# Several processes (torchrun): the helpers every stage's few distributed lines call
+# ============================================================================================
+# `torchrun --nproc_per_node=N stage.py …` starts N copies of a stage and tells each its RANK,
+# LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR/PORT) in the environment. A plain `python stage.py`
+# is rank 0 of 1: then every helper below returns at once and nothing changes.
+
+# How long a process waits for the others (to join, or in a collective operation) before it stops
+# with an error instead of hanging: the other process died, or never arrived.
+DIST_TIMEOUT = timedelta(minutes=30)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    """Rank 0: the one process that prints, logs, probes and writes files."""
+    return rank() == 0
+
+
+def dist_init(device):
+    """Join torchrun's process group (a no-op in a plain run, or when already joined).
+
+    Returns the device this process uses: cuda:LOCAL_RANK under torchrun on GPUs (backend NCCL),
+    else `device` (CPU: backend gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        if local >= torch.cuda.device_count():
+            raise UserError(f"torchrun started process {local} on a machine with "
+                            f"{torch.cuda.device_count()} visible GPU(s): start at most one per "
+                            "GPU (--nproc_per_node), or pass --device cpu")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+        except Exception as e:  # the store / rendezvous timed out: some process never arrived
+            raise UserError(f"could not join the other {world - 1} process(es): {e}") from e
+    return device
+
+
+def dist_teardown():
+    """Wait for every rank (rank 0 may still be writing), then leave the process group."""
+    if world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _comm(t):
+    """NCCL only moves CUDA tensors; gloo moves CPU ones."""
+    on_gpu = dist.get_backend() == "nccl"
+    return t.to(f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+
+
+def sum_over_ranks(t):
+    """Σ over ranks of the tensor `t` (every rank gets it); `t` itself in a plain run."""
+    if world_size() == 1:
+        return t
+    s = _comm(t.clone())
+    dist.all_reduce(s)
+    return s.to(t.device)
+
+
+def everyone(flag):
+    """True on every rank if `flag` is true on every rank (e.g. "I found the cache")."""
+    return bool(sum_over_ranks(torch.tensor(int(bool(flag)))) == world_size())
+
+
+def shard_range(n):
+    """(start, stop): this rank's contiguous share of n items, ⌊r·n/W⌋ … ⌊(r+1)·n/W⌋ − 1; the
+    shares of ranks 0…W−1 in order are 0…n−1. Every rank gets at least one item."""
+    r, w = rank(), world_size()
+    if n < w:
+        raise UserError(f"{n} images cannot be shared among {w} processes; start at most {n}")
+    return r * n // w, (r + 1) * n // w
+
+
+def gather_rows(t):
+    """The rows (n_r, …) every rank holds, concatenated in rank order: (Σ n_r, …) on every rank.
+    With shard_range's shares this is the whole, in its original order."""
+    if world_size() == 1:
+        return t
+    rows = _comm(torch.tensor([len(t)]))
+    sizes = [torch.zeros_like(rows) for _ in range(world_size())]
+    dist.all_gather(sizes, rows)
+    padded = _comm(torch.zeros((int(max(sizes)), *t.shape[1:]), dtype=t.dtype))  # equal sizes
+    padded[:len(t)] = _comm(t)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:int(n)] for p, n in zip(parts, sizes)]).to(t.device)
+
+
+def lost_contact(e):
+    """Did a collective operation fail because another process died or stalled (gloo / NCCL)?"""
+    return world_size() > 1 and (isinstance(e, dist.DistError) or any(
+        w in str(e) for w in ("gloo", "NCCL", "Timed out", "Connection reset", "closed by peer")))

@@ -17,6 +17,8 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
     python train_sae.py --model ViT-B-16-quickgelu --pretrained openai \
         --train-data ILSVRC/imagenet-1k --split train --expansion 4 --k 32 --epochs 10 \
         --out runs/vitb16/sae
+  On 8 GPUs, `torchrun --nproc_per_node=8 train_sae.py …` (same flags): each process embeds
+  1/8 of the images; they are gathered in order, and rank 0 caches them and trains the SAE.
 """
 import argparse
 import math
@@ -111,7 +113,7 @@ def zero_shot_embeddings(args):
         model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
                                                 args.force_quick_gelu or None)
         loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
-                             workers=args.workers, seed=args.seed)
+                             workers=args.workers, seed=args.seed, shard=True)  # torchrun
         h, labels = extract_embeddings(model, loader, args.device)
         return {"h": h, "labels": labels}
 
@@ -180,8 +182,10 @@ def batch_slices(N, batch_size):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    with runs.hold(args.out):                     # one run per --out at a time
-        runs.check_out(args.out, OUT_FILES, overwrite=args.overwrite, resumable=False)
+    args.device = runs.dist_init(args.device)     # torchrun: each process embeds its share
+    with runs.hold_if_main(args.out):             # one run per --out at a time (rank 0 holds it)
+        if runs.is_main():
+            runs.check_out(args.out, OUT_FILES, overwrite=args.overwrite, resumable=False)
         return train(args)
 
 
@@ -189,6 +193,10 @@ def train(args):
     # ---- data: cached zero-shot embeddings, split into train / held-out (≥ 2 rows each:
     # FVU is a ratio to their variance)
     h, _ = zero_shot_embeddings(args)                                   # (N, d)
+    main = runs.is_main()
+    runs.dist_teardown()                          # torchrun: the SAE trains on rank 0 alone
+    if not main:
+        return None
     n_val = max(2, int(args.val_fraction * len(h)))
     if len(h) - n_val < 2:
         raise UserError(f"{args.train_data} gave {len(h)} embeddings, {n_val} of them held out "

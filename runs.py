@@ -266,13 +266,13 @@ def truncate_jsonl(path, last_step):
 LOCK = ".lock"
 
 
-@contextlib.contextmanager
 def hold_if_main(out, flag="--out"):
     """`hold(out)` in a plain run and on torchrun's rank 0 (RANK in the environment, known
     before the process group is joined); the other ranks of the same job hold nothing."""
     return hold(out, flag) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
 def hold(out, flag="--out"):
     """Hold the output folder `out` for the block: one run per folder at a time.
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from data import (UserError, cached_embeddings, embedding_cache_key, extract_embeddings,
-                  load_image_dataset, make_loader)
+from data import (UserError, append_jsonl, cached_embeddings, embedding_cache_key,
+                  extract_embeddings, load_image_dataset, make_loader)
 from models import load_clip, model_identity
 from sae import TopKSAE
 
@@ -52,6 +52,22 @@ def parse_args(argv=None):
     g.add_argument("--label-column", default="label", help="label column (carried into the cache)")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where embeddings are cached")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the "
+                   "evaluations and the report")
+    add_training_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where to extract and train (cuda if available)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
+                   "initialisation and the batch order")
+    g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
+    return p.parse_args(argv)
+
+
+def add_training_args(p):
+    """The SAE and optimisation flags, shared with bench_sae.py (same names, defaults, help)."""
     g = p.add_argument_group("SAE (§3; Gao et al. 2024)")
     g.add_argument("--expansion", type=int, default=4, help="n = expansion · d latents")
     g.add_argument("--k", type=int, default=32, help="active latents per sample (TopK)")
@@ -64,19 +80,16 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="passes over the embeddings")
     g.add_argument("--batch-size", type=int, default=4096, help="embeddings per step")
-    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(n / 2^14))")
-    g.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr (default: LR_RULE)")
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps "
+                   "(capped at a tenth of the run)")
+    g.add_argument("--lr-decay", type=float, default=0.2, help="fraction of the run at the end "
+                   "over which the lr decays linearly to 0")
     g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip")
-    g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the report")
-    g = p.add_argument_group("run")
-    g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="where to extract and train (cuda if available)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
-                   "initialisation and the batch order")
-    g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
-    return p.parse_args(argv)
+    g.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N "
+                   "steps (default: every epoch, at most 50 in a run)")
+    g.add_argument("--plateau-tol", type=float, default=0.02, help="warn when the held-out FVU "
+                   "fell by more than this fraction over the last fifth of the run")
 
 
 def zero_shot_embeddings(args):
@@ -102,8 +115,15 @@ def zero_shot_embeddings(args):
     return cached["h"].float(), cached["labels"]
 
 
-def lr_at(step, base_lr, warmup):
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step, base_lr, warmup, total, decay_steps):
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last
+    `decay_steps` of `total` steps: lr · min((s+1)/warmup, 1, (total − s)/decay_steps)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup), (total - step) / max(1, decay_steps))
+
+
+def batch_order(N, epoch, seed):
+    """The order of the N training embeddings in `epoch` (also what bench_sae.py feeds SAELens)."""
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1 + epoch))
 
 
 def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, aux_coef=1 / 32,
@@ -133,17 +153,99 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
 
 
 @torch.no_grad()
-def held_out_report(sae, h, batch_size):
-    """FVU, mean cos(x, x̃), L0 and dead fraction on held-out embeddings (METHOD §1)."""
-    xs, x_hats, zs = [], [], []
+def held_out_report(sae, h, batch_size, mean):
+    """FVU, mean cos(x, x̃), L0 and dead fraction of the SAE on held-out embeddings h (N, d).
+
+    FVU = Σ||x − x̃||² / Σ||x − μ||² with μ the *training* mean of the unit embeddings (d,):
+    the error relative to the best constant guess made without the held-out data. For a large
+    set it equals losses.fvu (which centres on the set's own mean) up to O(1/N), and it stays
+    defined for a held-out set of one embedding. Streams over batches (no N × n code kept)."""
+    err = var = cos = l0 = 0.0
+    fired = torch.zeros(sae.n, dtype=torch.bool, device=h.device)
     for i in range(0, len(h), batch_size):
         out = sae(h[i:i + batch_size])
-        xs.append(out.x), x_hats.append(out.x_hat), zs.append(out.z)
-    x, x_hat, z = torch.cat(xs), torch.cat(x_hats), torch.cat(zs)
-    return {"fvu": losses.fvu(x, x_hat).item(),
-            "cos": F.cosine_similarity(x, x_hat, dim=-1).mean().item(),
-            "l0": (z > 0).sum(-1).float().mean().item(),
-            "dead_fraction": losses.dead_features(z) / sae.n}
+        err += (out.x - out.x_hat).pow(2).sum().item()
+        var += (out.x - mean).pow(2).sum().item()
+        cos += F.cosine_similarity(out.x, out.x_hat, dim=-1).sum().item()
+        active = out.z > 0
+        l0 += active.sum().item()
+        fired |= active.any(0)
+    return {"fvu": err / max(var, 1e-12), "cos": cos / len(h), "l0": l0 / len(h),
+            "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def default_lr(n, total_steps):
+    """LR_RULE"""
+    return 2e-4 / math.sqrt(n / 2 ** 14)
+
+
+def plateau_gain(history, total, window=0.2):
+    """Relative drop of the held-out FVU over the last `window` of the run,
+    (FVU(s0) − FVU(end)) / FVU(end), s0 = the last evaluation at or before (1 − window)·total;
+    None when no evaluation is that early."""
+    early = [r for r in history if r["step"] <= (1 - window) * total]
+    if not early or history[-1]["step"] == early[-1]["step"]:
+        return None
+    return (early[-1]["fvu"] - history[-1]["fvu"]) / max(history[-1]["fvu"], 1e-12)
+
+
+def fit(sae, h_train, h_val, args, log_path=None, echo=print):
+    """Train `sae` on h_train (N, d) with Adam (warm-up, constant, linear decay to 0; see lr_at)
+    for args.epochs epochs; evaluate on h_val every `eval_every` steps, print each evaluation and
+    append it to `log_path` (JSON lines). Returns (report, history): the final held-out metrics
+    with the convergence verdict, and every evaluation record."""
+    N, n = len(h_train), sae.n
+    per_epoch = math.ceil(N / args.batch_size)
+    total = args.epochs * per_epoch
+    base_lr = args.lr or default_lr(n, total)
+    warmup = min(args.warmup_steps, max(1, total // 10))
+    decay = round(args.lr_decay * total)
+    eval_every = args.eval_every or per_epoch * math.ceil(args.epochs / 50)
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr)
+    dead_samples = args.dead_samples or N
+    since_fired = torch.zeros(n, dtype=torch.long, device=h_train.device)  # samples since fired
+    mean = F.normalize(h_train, dim=-1).mean(0)                             # (d,) for held-out FVU
+    echo(f"SAE d={sae.d} n={n} k={sae.k} | {N} train / {len(h_val)} held-out embeddings | "
+         f"lr {base_lr:.2e}, {warmup} warm-up, {decay} decay steps | {per_epoch} steps/epoch, "
+         f"{total} steps, held-out evaluation every {eval_every}")
+    history, step, t0, t_eval, fvu_sum, fvu_n = [], 0, time.time(), 0.0, 0.0, 0
+    for epoch in range(args.epochs):
+        order = batch_order(N, epoch, args.seed).to(h_train.device)
+        for i in range(0, N, args.batch_size):
+            lr = lr_at(step, base_lr, warmup, total, decay)
+            since_fired, fvu, auxk = sae_step(sae, opt, h_train[order[i:i + args.batch_size]],
+                                              since_fired, dead_samples, lr, step, args.aux_k,
+                                              args.aux_coef, args.clip_grad)
+            step, fvu_sum, fvu_n = step + 1, fvu_sum + fvu.detach(), fvu_n + 1
+            if step % eval_every and step != total:
+                continue
+            t_start = time.time()
+            rec = {"step": step, "epoch": round(step / per_epoch, 3), "lr": lr,
+                   "train_fvu": float(fvu_sum) / fvu_n, "auxk": auxk.item(),
+                   "dead_fraction_train": (since_fired >= dead_samples).float().mean().item(),
+                   **held_out_report(sae, h_val, args.batch_size, mean),
+                   "ms_per_step": (t_start - t0 - t_eval) / step * 1e3}  # evaluations excluded
+            t_eval += time.time() - t_start
+            history.append(rec)
+            fvu_sum, fvu_n = 0.0, 0
+            if log_path is not None:
+                append_jsonl(log_path, rec)
+            echo(f"step {step:6d} (epoch {rec['epoch']:6.2f}) | train fvu {rec['train_fvu']:.4f} | "
+                 f"held-out fvu {rec['fvu']:.4f}, dead {100 * rec['dead_fraction']:5.1f}% | "
+                 f"dead (train) {100 * rec['dead_fraction_train']:5.1f}% | lr {lr:.2e} | "
+                 f"{rec['ms_per_step']:.1f} ms/step")
+    report = {k: history[-1][k] for k in ("fvu", "cos", "l0", "dead_fraction",
+                                           "dead_fraction_train", "step")}
+    report["fvu_gain_last_fifth"] = gain = plateau_gain(history, total)
+    report["converged"] = None if gain is None else gain <= args.plateau_tol
+    report["lr"] = base_lr
+    if gain is None:
+        echo("note: too few held-out evaluations to check convergence (pass --eval-every)")
+    elif gain > args.plateau_tol:
+        echo(f"WARNING: the held-out FVU fell by {100 * gain:.1f}% over the last fifth of the run "
+             f"(more than --plateau-tol {100 * args.plateau_tol:g}%): the SAE is probably "
+             "under-trained; raise --epochs (or --lr)")
+    return report, history
 
 
 def main(argv=None):
@@ -168,36 +270,19 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     sae = TopKSAE(d, n, args.k).to(args.device)
     sae.init_from_data(h_train[:65536], args.init)
-    base_lr = args.lr or 2e-4 / math.sqrt(n / 2 ** 14)                 # sparsify's lr rule
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr)
-    dead_samples = args.dead_samples or N
-    since_fired = torch.zeros(n, dtype=torch.long, device=args.device)  # samples since last fire
 
-    # ---- loop
-    step, t0 = 0, time.time()
-    batches_per_epoch = math.ceil(N / args.batch_size)
-    print(f"SAE d={d} n={n} k={args.k} | {N} train / {n_val} held-out embeddings | "
-          f"lr {base_lr:.2e} | {batches_per_epoch} steps/epoch")
-    for epoch in range(args.epochs):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-        for i in range(0, N, args.batch_size):
-            batch = h_train[order[i:i + args.batch_size].to(args.device)]
-            since_fired, fvu, auxk = sae_step(sae, opt, batch, since_fired, dead_samples,
-                                              lr_at(step, base_lr, args.warmup_steps), step,
-                                              args.aux_k, args.aux_coef, args.clip_grad)
-            step += 1
-        dead_frac = (since_fired >= dead_samples).float().mean().item()
-        print(f"epoch {epoch + 1:3d} | step {step:6d} | fvu {fvu.item():.4f} | auxk {auxk.item():.4f}"
-              f" | dead {100 * dead_frac:5.1f}% | {(time.time() - t0) / step * 1e3:.1f} ms/step")
+    # ---- train, evaluating on the held-out embeddings as it goes (train_log.jsonl)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_log.jsonl").unlink(missing_ok=True)
+    report, _ = fit(sae, h_train, h_val, args, log_path=out / "train_log.jsonl")
 
     # ---- save + report
-    report = held_out_report(sae, h_val, args.batch_size)
-    report["dead_fraction_train"] = (since_fired >= dead_samples).float().mean().item()
     meta = {"model": args.model, "pretrained": args.pretrained,
             "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
             "split": args.split, "n_train": N, "held_out": report, "args": vars(args)}
     sae.save(args.out, meta)
-    (Path(args.out) / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
     print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
           f"dead {100 * report['dead_fraction']:.1f}% (train-tracked "
           f"{100 * report['dead_fraction_train']:.1f}%) | saved {args.out}")

@@ -30,17 +30,20 @@ Quick look (a smaller world, seconds):
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("TQDM_DISABLE", "1")         # SAELens's progress bar would bury the table
 
-import train_sae
-from data import UserError
-from sae import TopKSAE
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import train_sae  # noqa: E402  (the real training loop and step)
+from data import UserError  # noqa: E402
+from sae import TopKSAE  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -103,13 +106,13 @@ def recovery(atoms_learned, A, threshold=0.9):
     return (best > threshold).float().mean().item(), best.mean().item()
 
 
-def train_ours(h_train, h_val, A, k, args):
+def train_ours(h_train, h_val, A, k, args, echo=print):
     torch.manual_seed(args.seed)
     sae = TopKSAE(h_train.shape[1], args.expansion * h_train.shape[1], k).to(h_train.device)
     sae.init_from_data(h_train[:65536], args.init)
     t0 = time.time()
     report, history = train_sae.fit(sae, h_train, h_val, SimpleNamespace(**{**vars(args), "k": k}),
-                                    echo=(lambda *a: None) if args.quiet else print)
+                                    echo=(lambda *a: None) if args.quiet else echo)
     rec, cos = recovery(sae.W_dec.detach().T.cpu(), A)
     return {**report, "recovered": rec, "best_cos": cos, "wall_s": time.time() - t0,
             "ms_per_step": history[-1]["ms_per_step"], "history": history}

@@ -19,13 +19,14 @@ and scored on held-out samples:
 batches in the same order, with the same lr, schedule, batch size, steps and dead-latent window
 (one epoch), and prints both side by side. sae-lens is an optional extra: `pip install sae-lens`.
 
-This project's trainer at the default settings, k = 32 and 8 (≈ 20 min on one CPU core):
-    python bench_sae.py --k 32 8 --epochs 40
-Side by side with SAELens (twice that):
-    python bench_sae.py --k 32 8 --epochs 40 --saelens --out results/bench_sae_saelens.json
-Quick look (a smaller world, seconds):
-    python bench_sae.py --d 64 --atoms 256 --active 4 --n-train 8192 --n-val 2048 --k 4 \
-        --batch-size 256 --epochs 10
+The README's comparison (d = 256, 300 steps per SAE; ≈ 1 CPU-minute per SAE on an idle core):
+    python bench_sae.py --d 256 --atoms 1024 --active 16 --n-train 30720 --n-val 5120 \
+        --batch-size 1024 --epochs 10 --k 16 4 --saelens --out results/bench_sae_saelens.json
+The full-size world (d = 512, 2048 atoms, 32 active, n = 2048; 600 steps of 4096 per SAE):
+    python bench_sae.py --k 32 8 --epochs 40 --saelens
+A quick look (d = 32, seconds; what test_train_sae.py runs, smaller):
+    python bench_sae.py --d 32 --atoms 64 --active 4 --n-train 4096 --n-val 1024 --k 4 \
+        --expansion 2 --batch-size 256 --epochs 20
 """
 import argparse
 import json
@@ -43,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import train_sae  # noqa: E402  (the real training loop and step)
 from data import UserError  # noqa: E402
-from sae import TopKSAE  # noqa: E402
+from sae import SAEOutput, TopKSAE  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -74,10 +75,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.active > args.atoms or min(args.d, args.atoms, args.active, args.n_train,
                                        args.n_val) < 1:
-        p.error("need 1 ≤ --active ≤ --atoms and positive --d, --n-train, --n-val")
+        raise UserError("need 1 ≤ --active ≤ --atoms and positive --d, --n-train, --n-val")
     for k in args.k:
         if not 1 <= k <= args.expansion * args.d:
-            p.error(f"--k {k} must be in 1..expansion·d = {args.expansion * args.d}")
+            raise UserError(f"--k {k} must be in 1..expansion·d = {args.expansion * args.d}")
     return args
 
 
@@ -107,6 +108,7 @@ def recovery(atoms_learned, A, threshold=0.9):
 
 
 def train_ours(h_train, h_val, A, k, args, echo=print):
+    """train_sae.py's SAE, initialisation and fit() on the planted data → its metrics."""
     torch.manual_seed(args.seed)
     sae = TopKSAE(h_train.shape[1], args.expansion * h_train.shape[1], k).to(h_train.device)
     sae.init_from_data(h_train[:65536], args.init)
@@ -118,19 +120,40 @@ def train_ours(h_train, h_val, A, k, args, echo=print):
             "ms_per_step": history[-1]["ms_per_step"], "history": history}
 
 
-def train_saelens(h_train, h_val, A, k, args):
-    """SAELens's TopKTrainingSAE (its defaults) trained by its SAETrainer on our batches."""
+def require_saelens():
+    """sae-lens is an optional extra: say so in one line when it is missing."""
     try:
-        from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
-        from sae_lens.config import SAETrainerConfig
+        import sae_lens  # noqa: F401
     except ImportError as e:
-        raise UserError(f"--saelens needs sae-lens ({e}); `pip install sae-lens`") from e
+        raise UserError(f"--saelens needs sae-lens, an optional extra ({e}): "
+                        "`pip install sae-lens`") from e
+
+
+class SAELensAdapter:
+    """A SAELens SAE seen through the interface train_sae.held_out_report reads: .n and
+    sae(h) → (x, z, x_hat). The planted data are unit vectors already, so x = h."""
+
+    def __init__(self, sae):
+        self.sae, self.n = sae, sae.cfg.d_sae
+
+    def __call__(self, h):
+        z = self.sae.encode(h)
+        return SAEOutput(h, z, self.sae.decode(z), None)
+
+
+def train_saelens(h_train, h_val, A, k, args):
+    """SAELens's TopKTrainingSAE (its defaults) trained by its SAETrainer on our batches, in our
+    order, with our lr, warm-up, decay and dead-latent window (one epoch)."""
+    require_saelens()
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
     N, d = h_train.shape
-    per_epoch = math.ceil(N / args.batch_size)
-    total = args.epochs * per_epoch
     if N % args.batch_size:
         raise UserError(f"--saelens needs --n-train a multiple of --batch-size (SAELens counts "
                         f"samples, not steps); got {N} and {args.batch_size}")
+    per_epoch = N // args.batch_size
+    total = args.epochs * per_epoch
+    lr, warmup, decay = train_sae.schedule(args, args.expansion * d, total)
 
     def batches():
         for epoch in range(args.epochs):
@@ -141,35 +164,19 @@ def train_saelens(h_train, h_val, A, k, args):
     torch.manual_seed(args.seed)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=args.expansion * d, k=k,
                                                 device=str(h_train.device)))
-    lr = args.lr or train_sae.default_lr(args.expansion * d, total)
     cfg = SAETrainerConfig(
         total_training_samples=total * args.batch_size, train_batch_size_samples=args.batch_size,
-        lr=lr, lr_end=lr, lr_scheduler_name="constant",
-        lr_warm_up_steps=min(args.warmup_steps, max(1, total // 10)),
-        lr_decay_steps=round(args.lr_decay * total), device=str(h_train.device),
-        dead_feature_window=per_epoch, feature_sampling_window=10 ** 9,
-        logger=LoggingConfig(log_to_wandb=False))
-    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=batches())
+        lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=warmup,
+        lr_decay_steps=decay, device=str(h_train.device), dead_feature_window=per_epoch,
+        feature_sampling_window=10 ** 9, logger=LoggingConfig(log_to_wandb=False))
     t0 = time.time()
-    trainer.fit()
+    SAETrainer(cfg=cfg, sae=sae, data_provider=batches()).fit()
     wall = time.time() - t0
     sae.eval()
-    with torch.no_grad():
-        mean = h_train.mean(0)
-        err = var = 0.0
-        fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=h_val.device)
-        l0 = 0.0
-        for i in range(0, len(h_val), args.batch_size):
-            x = h_val[i:i + args.batch_size]
-            z = sae.encode(x)
-            x_hat = sae.decode(z)
-            err += (x - x_hat).pow(2).sum().item()
-            var += (x - mean).pow(2).sum().item()
-            l0 += (z > 0).sum().item()
-            fired |= (z > 0).any(0)
+    report = train_sae.held_out_report(SAELensAdapter(sae), h_val, args.batch_size,
+                                       h_train.mean(0))
     rec, cos = recovery(sae.W_dec.detach().cpu(), A)
-    return {"fvu": err / var, "dead_fraction": 1 - fired.float().mean().item(),
-            "l0": l0 / len(h_val), "recovered": rec, "best_cos": cos, "wall_s": wall,
+    return {**report, "recovered": rec, "best_cos": cos, "wall_s": wall,
             "ms_per_step": 1e3 * wall / total, "lr": lr}
 
 
@@ -187,6 +194,8 @@ def table(results):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.saelens:
+        require_saelens()                      # before any training, not after ours
     torch.set_num_threads(args.threads)
     h, A = planted_dictionary(args.d, args.atoms, args.active, args.n_train + args.n_val,
                               args.zipf, args.noise, args.data_seed)

@@ -130,3 +130,29 @@ def test_held_out_report_is_defined_for_one_embedding():
                                (out.x - out.x_hat).pow(2).sum() / len(h), rtol=1e-5, atol=0)
     assert big["l0"] == (out.z > 0).sum().item() / len(h)
     assert big["dead_fraction"] == ((out.z > 0).sum(0) == 0).float().mean().item()
+
+
+def test_bench_sae_without_sae_lens_is_one_line_error():
+    """--saelens is optional: without the package, one `error:` line before any training."""
+    import importlib.util
+    if importlib.util.find_spec("sae_lens") is not None:
+        pytest.skip("sae-lens is installed here")
+    r = subprocess.run([sys.executable, "bench_sae.py", "--saelens", "--d", "8", "--atoms", "8",
+                        "--active", "2", "--k", "2"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "pip install sae-lens" in last
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--k", "100"], "--k 100 must be in 1..expansion·d"),
+    (["--active", "9"], "--active ≤ --atoms"),
+    (["--lr-decay", "1"], "--lr-decay < 1"),
+])
+def test_bench_sae_bad_input_one_line_error(change, message):
+    r = subprocess.run([sys.executable, "bench_sae.py", "--d", "8", "--atoms", "8", "--active",
+                        "2", "--k", "2", "--n-train", "64", "--n-val", "16", "--batch-size", "32",
+                        "--epochs", "1", "--quiet", *change], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last

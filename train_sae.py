@@ -85,7 +85,7 @@ def add_training_args(p):
     g.add_argument("--epochs", type=int, default=10, help="passes over the embeddings")
     g.add_argument("--batch-size", type=int, default=4096, help="embeddings per step")
     g.add_argument("--lr", type=float, default=None, help="Adam lr (default: 2e-4 / sqrt(n / 2^14) "
-                   "· max(1, sqrt(30000 / steps)), see default_lr)")
+                   "· sqrt(30000 / steps) clamped to ×1…×10; see default_lr)")
     g.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps "
                    "(capped at a tenth of the run)")
     g.add_argument("--lr-decay", type=float, default=0.2, help="fraction of the run at the end "
@@ -183,12 +183,21 @@ def held_out_report(sae, h, batch_size, mean):
 def default_lr(n, total_steps):
     """Adam lr for an SAE with n latents trained for `total_steps` steps:
 
-        lr = 2e-4 / sqrt(n / 2¹⁴) · max(1, sqrt(30 000 / total_steps))
+        lr = 2e-4 / sqrt(n / 2¹⁴) · clamp(sqrt(30 000 / total_steps), 1, 10)
 
     The first factor is the rule of long runs (Gao et al. 2024; EleutherAI sparsify); shorter
     runs need a larger lr to get anywhere, so it is raised by sqrt(30k / steps) below 30k
-    steps (×10 at 300 steps, ×3.1 at 3 100). Chosen from the sweep in the README."""
-    return 2e-4 / math.sqrt(n / 2 ** 14) * max(1.0, math.sqrt(30_000 / max(1, total_steps)))
+    steps (×3.1 at 3 100 steps), at most ×10 (reached at 300 steps, the shortest budget of the
+    sweep in the README that chose it)."""
+    boost = min(10.0, max(1.0, math.sqrt(30_000 / max(1, total_steps))))
+    return 2e-4 / math.sqrt(n / 2 ** 14) * boost
+
+
+def schedule(args, n, total):
+    """(base lr, warm-up steps, decay steps) of a run of `total` steps with n latents: --lr or
+    default_lr, --warmup-steps capped at a tenth of the run, --lr-decay · total."""
+    return (args.lr or default_lr(n, total), min(args.warmup_steps, max(1, total // 10)),
+            round(args.lr_decay * total))
 
 
 def late_gain(history, total, decay_steps, window=0.2):
@@ -220,8 +229,7 @@ def fit(sae, h_train, h_val, args, log_path=None, echo=print):
     N, n = len(h_train), sae.n
     per_epoch = math.ceil(N / args.batch_size)
     total = args.epochs * per_epoch
-    base_lr = args.lr or default_lr(n, total)
-    warmup, decay = min(args.warmup_steps, max(1, total // 10)), round(args.lr_decay * total)
+    base_lr, warmup, decay = schedule(args, n, total)
     eval_every = args.eval_every or per_epoch * math.ceil(args.epochs / 50)
     opt = torch.optim.Adam(sae.parameters(), lr=base_lr)
     dead_samples = args.dead_samples or N

@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -180,15 +181,53 @@ def train_saelens(h_train, h_val, A, k, args):
             "ms_per_step": 1e3 * wall / total, "lr": lr}
 
 
+def interleaved_step_ms(h_train, k, dead_fraction, args, rounds=10):
+    """Step time of both trainers measured fairly on a shared machine: fresh SAEs, the same
+    random `dead_fraction` of latents marked dead in both (so both run AuxK), one step of each in
+    turn on the same batch for `rounds` rounds after 2 warm-up rounds → median ms of each."""
+    from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    N, d = h_train.shape
+    n, B = args.expansion * d, args.batch_size
+    g = torch.Generator().manual_seed(args.seed)
+    dead = (torch.rand(n, generator=g) < dead_fraction).to(h_train.device)
+    ours = TopKSAE(d, n, k).to(h_train.device)
+    ours.init_from_data(h_train[:65536], args.init)
+    opt = torch.optim.Adam(ours.parameters())
+    since = torch.where(dead, 10 ** 12, 0)
+    theirs = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=n, k=k,
+                                                   device=str(h_train.device)))
+    trainer = SAETrainer(cfg=SAETrainerConfig(
+        total_training_samples=10 ** 12, train_batch_size_samples=B, lr=1e-4, lr_end=1e-4,
+        device=str(h_train.device), dead_feature_window=10 ** 9,
+        logger=LoggingConfig(log_to_wandb=False)), sae=theirs, data_provider=iter(()))
+    times = {"this project": [], "SAELens": []}
+    for r in range(rounds + 2):
+        batch = h_train[torch.randint(N, (B,), generator=g).to(h_train.device)]
+        trainer.n_forward_passes_since_fired = torch.where(dead, 2.0 * 10 ** 9, 0.0)
+        for name, step in (("this project", lambda: train_sae.sae_step(
+                ours, opt, batch, since, 10 ** 12, 1e-4, r, args.aux_k, args.aux_coef)),
+                ("SAELens", lambda: trainer.step(batch))):
+            t = time.perf_counter()
+            step()
+            if h_train.is_cuda:
+                torch.cuda.synchronize()
+            if r >= 2:
+                times[name].append(1e3 * (time.perf_counter() - t))
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def table(results):
+    """Markdown table; ms/step (in turn) is the interleaved measurement (--saelens only)."""
     lines = ["| trainer | k | steps | lr | held-out FVU | dead (held-out) | L0 | atoms recovered "
-             "(cos > 0.9) | mean best cos | ms/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(cos > 0.9) | mean best cos | ms/step (run) | ms/step (in turn) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        turn = r.get("ms_per_step_interleaved")
         lines.append(f"| {r['trainer']} | {r['k']} | {r['steps']} | {r['lr']:.2e} | "
                      f"{r['fvu']:.3f} | {100 * r['dead_fraction']:.1f}% | {r['l0']:.1f} | "
                      f"{100 * r['recovered']:.1f}% | {r['best_cos']:.3f} | "
-                     f"{r['ms_per_step']:.0f} |")
+                     f"{r['ms_per_step']:.0f} | {'–' if turn is None else f'{turn:.0f}'} |")
     return "\n".join(lines)
 
 
@@ -211,6 +250,11 @@ def main(argv=None):
             results.append({"trainer": name, "k": k, "steps": steps, **r})
             if not args.quiet:
                 print(table(results[-1:]))
+        if args.saelens:                       # step time again, both in turn (fair on load)
+            dead = results[-2]["dead_fraction_train"]
+            for name, ms in interleaved_step_ms(h_train, k, dead, args).items():
+                next(r for r in results[-2:] if r["trainer"] == name)["ms_per_step_interleaved"] \
+                    = ms
     print(table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

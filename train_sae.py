@@ -206,8 +206,8 @@ def late_gain(history, total, decay_steps, window=0.2):
         (FVU(s_b − window·total) − FVU(s_b)) / (FVU(0) − FVU(end)),   s_b = total − decay_steps
 
     i.e. over the last `window` of the run *before* the lr decay (the decay itself flattens any
-    curve), each FVU the last evaluation at or before that step. ≈ 0 on a plateau, ≈ window /
-    (1 − decay share) while the FVU still falls steadily. None when no evaluation is early enough.
+    curve), each FVU the last evaluation at or before that step. ≈ 0 on a plateau, ≈ window
+    while the FVU still falls steadily. None when no evaluation is early enough.
     """
     s_b = total - decay_steps
     early = [r for r in history if r["step"] <= s_b - window * total]

@@ -47,7 +47,6 @@ import argparse
 import concurrent.futures
 import io
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -491,7 +490,7 @@ def bench_sae_training(args, device):
     for name, dead_frac in (("no_dead", 0.0), ("auxk", args.dead_fraction)):
         sae = TopKSAE(d, n, min(k, n)).to(device)
         sae.init_from_data(h_train[:B])
-        opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / math.sqrt(n / 2 ** 14))
+        opt = torch.optim.Adam(sae.parameters(), lr=train_sae.default_lr(n, 10 ** 6))
         # A fixed dead set: since_fired is re-used every step (the step's update is computed
         # and dropped), so every timed step sees the same number of dead latents.
         gd = torch.Generator().manual_seed(args.seed)

@@ -6,8 +6,12 @@ fine-tuning inside that dictionary and stage 3 (evaluate.py) measures drift with
     1. extract the unit-normalised zero-shot embeddings x of the fine-tuning train split
        (eval transform, no augmentation) once, and cache them on disk;
     2. train z = ReLU(TopK_k(W_enc(x − b_dec) + b_enc)), x̃ = W_dec z + b_dec on
-       loss = FVU(x, x̃) + α_aux · AuxK   (Gao et al. 2024), atoms kept at unit norm;
-    3. report held-out FVU, L0, dead fraction, mean cos(x, x̃); save safetensors + JSON config.
+       loss = FVU(x, x̃) + α_aux · AuxK   (Gao et al. 2024), atoms kept at unit norm, with Adam
+       at an lr set by the planned number of steps (default_lr), warm-up and a final decay;
+    3. evaluate held-out FVU, L0, dead fraction, mean cos(x, x̃) before training and every
+       epoch (printed, and logged to <out>/train_log.jsonl); warn at the end when the held-out
+       FVU was still falling (probably under-trained); save safetensors + JSON config with the
+       final metrics and the verdict (also <out>/metrics.json).
 
 Tiny CPU run (the built-in toy world; `make demo` builds it):
     python train_sae.py --model local-dir:toy_world/clip --train-data toy_world/data \
@@ -29,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from data import (UserError, cached_embeddings, embedding_cache_key, extract_embeddings,
-                  load_image_dataset, make_loader)
+from data import (UserError, append_jsonl, cached_embeddings, embedding_cache_key,
+                  extract_embeddings, load_image_dataset, make_loader)
 from models import load_clip, model_identity
 import runs
 from sae import TopKSAE
@@ -53,22 +57,9 @@ def parse_args(argv=None):
     g.add_argument("--label-column", default="label", help="label column (carried into the cache)")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where embeddings are cached")
-    g = p.add_argument_group("SAE (§3; Gao et al. 2024)")
-    g.add_argument("--expansion", type=int, default=4, help="n = expansion · d latents")
-    g.add_argument("--k", type=int, default=32, help="active latents per sample (TopK)")
-    g.add_argument("--init", choices=["mean", "median"], default="median",
-                   help="b_dec initialisation: data mean or geometric median")
-    g.add_argument("--aux-k", type=int, default=256, help="k_aux: dead latents used by AuxK")
-    g.add_argument("--aux-coef", type=float, default=1 / 32, help="α_aux, weight of AuxK")
-    g.add_argument("--dead-samples", type=int, default=None, help="a latent is dead after not "
-                   "firing for this many samples (default: one epoch)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10, help="passes over the embeddings")
-    g.add_argument("--batch-size", type=int, default=4096, help="embeddings per step")
-    g.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4 / sqrt(n / 2^14))")
-    g.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip")
-    g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the report")
+    g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the "
+                   "evaluations and the report")
+    add_training_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
@@ -81,13 +72,42 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def add_training_args(p):
+    """The SAE and optimisation flags, shared with bench_sae.py (same names, defaults, help)."""
+    g = p.add_argument_group("SAE (§3; Gao et al. 2024)")
+    g.add_argument("--expansion", type=int, default=4, help="n = expansion · d latents")
+    g.add_argument("--k", type=int, default=32, help="active latents per sample (TopK)")
+    g.add_argument("--init", choices=["mean", "median"], default="median",
+                   help="b_dec initialisation: data mean or geometric median")
+    g.add_argument("--aux-k", type=int, default=256, help="k_aux: dead latents used by AuxK")
+    g.add_argument("--aux-coef", type=float, default=1 / 32, help="α_aux, weight of AuxK")
+    g.add_argument("--dead-samples", type=int, default=None, help="a latent is dead after not "
+                   "firing for this many samples (default: one epoch)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="passes over the embeddings")
+    g.add_argument("--batch-size", type=int, default=4096, help="embeddings per step")
+    g.add_argument("--lr", type=float, default=None, help="Adam lr (default: 2e-4 / sqrt(n / 2^14) "
+                   "· sqrt(15000 / steps) clamped to ×1…×10; see default_lr)")
+    g.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps "
+                   "(capped at a tenth of the run)")
+    g.add_argument("--lr-decay", type=float, default=0.2, help="fraction of the run at the end "
+                   "over which the lr decays linearly to 0")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip")
+    g.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every N "
+                   "steps (default: every epoch, at most 50 in a run)")
+    g.add_argument("--plateau-tol", type=float, default=0.05, help="warn (under-trained) when "
+                   "more than this share of the held-out FVU's drop came in the last fifth of "
+                   "the run before the lr decay")
+
+
 # Every numeric flag's valid range (runs.check_ranges). A batch needs 2 rows: FVU divides by
 # the batch's variance. Adam's first step is 10·lr, and float32 ends at 3.4e38.
 RANGES = {"max_samples": "[1, inf)", "expansion": "[1, inf)", "k": "[1, inf)",
           "aux_k": "[1, inf)", "aux_coef": "[0, inf)", "dead_samples": "[1, inf)",
           "epochs": "[1, inf)", "batch_size": "[2, inf)", "lr": "(0, 1e37]",
           "warmup_steps": "[0, inf)", "clip_grad": "(0, inf)", "val_fraction": "(0, 1)",
-          "extract_batch_size": "[1, inf)", "workers": "[0, inf)", "seed": runs.SEED_RANGE}
+          "extract_batch_size": "[1, inf)", "workers": "[0, inf)", "seed": runs.SEED_RANGE,
+          "eval_every": "[1, inf)", "plateau_tol": "[0, 1]", "lr_decay": "[0, 1)"}
 OUT_FILES = ("sae.safetensors", "sae_config.json", "metrics.json")
 
 
@@ -121,8 +141,15 @@ def zero_shot_embeddings(args):
     return cached["h"].float(), cached["labels"]
 
 
-def lr_at(step, base_lr, warmup):
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step, base_lr, warmup, total, decay_steps):
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last
+    `decay_steps` of `total` steps: lr · min((s+1)/warmup, 1, (total − s)/decay_steps)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup), (total - step) / max(1, decay_steps))
+
+
+def batch_order(N, epoch, seed):
+    """The order of the N training embeddings in `epoch` (also what bench_sae.py feeds SAELens)."""
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1 + epoch))
 
 
 def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, aux_coef=1 / 32,
@@ -157,17 +184,137 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
 
 
 @torch.no_grad()
-def held_out_report(sae, h, batch_size):
-    """FVU, mean cos(x, x̃), L0 and dead fraction on held-out embeddings (§3)."""
-    xs, x_hats, zs = [], [], []
+def held_out_report(sae, h, batch_size, mean):
+    """FVU, mean cos(x, x̃), L0 and dead fraction of the SAE on held-out embeddings h (N, d).
+
+    FVU = Σ||x − x̃||² / Σ||x − μ||² with μ the *training* mean of the unit embeddings (d,):
+    the error relative to the best constant guess made without the held-out data. For a large
+    set it equals losses.fvu (which centres on the set's own mean) up to O(1/N), and it stays
+    defined for a held-out set of one embedding. Streams over batches (no N × n code kept)."""
+    err = var = cos = l0 = 0.0
+    fired = torch.zeros(sae.n, dtype=torch.bool, device=h.device)
     for i in range(0, len(h), batch_size):
         out = sae(h[i:i + batch_size])
-        xs.append(out.x), x_hats.append(out.x_hat), zs.append(out.z)
-    x, x_hat, z = torch.cat(xs), torch.cat(x_hats), torch.cat(zs)
-    return {"fvu": losses.fvu(x, x_hat).item(),
-            "cos": F.cosine_similarity(x, x_hat, dim=-1).mean().item(),
-            "l0": (z > 0).sum(-1).float().mean().item(),
-            "dead_fraction": losses.dead_features(z) / sae.n}
+        err += (out.x - out.x_hat).pow(2).sum().item()
+        var += (out.x - mean).pow(2).sum().item()
+        cos += F.cosine_similarity(out.x, out.x_hat, dim=-1).sum().item()
+        active = out.z > 0
+        l0 += active.sum().item()
+        fired |= active.any(0)
+    return {"fvu": err / max(var, 1e-12), "cos": cos / len(h), "l0": l0 / len(h),
+            "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def default_lr(n, total_steps):
+    """Adam lr for an SAE with n latents trained for `total_steps` steps:
+
+        lr = 2e-4 / sqrt(n / 2¹⁴) · clamp(sqrt(15 000 / total_steps), 1, 10)
+
+    The first factor is the rule of long runs (Gao et al. 2024; EleutherAI sparsify); shorter
+    runs need a larger lr to get anywhere, so it is raised by sqrt(15k / steps) below 15k
+    steps (×2.2 at 3 100 steps, ×7.1 at 300), at most ×10 (below 150 steps). Chosen from the
+    sweeps in the README: the planted dictionary's best lr falls like 1/sqrt(steps); on the
+    toy world the next factor of √2 up kills a tenth of the latents."""
+    boost = min(10.0, max(1.0, math.sqrt(15_000 / max(1, total_steps))))
+    return 2e-4 / math.sqrt(n / 2 ** 14) * boost
+
+
+def schedule(args, n, total):
+    """(base lr, warm-up steps, decay steps) of a run of `total` steps with n latents: --lr or
+    default_lr, --warmup-steps capped at a tenth of the run, --lr-decay · total."""
+    return (args.lr or default_lr(n, total), min(args.warmup_steps, max(1, total // 10)),
+            round(args.lr_decay * total))
+
+
+def late_gain(history, total, decay_steps, window=0.2):
+    """How much the held-out FVU still fell late in the run, as a share of all it fell:
+
+        (FVU(s_b − window·total) − FVU(s_b)) / (FVU(0) − FVU(end)),   s_b = total − decay_steps
+
+    i.e. over the last `window` of the run *before* the lr decay (the decay itself flattens any
+    curve), each FVU the last evaluation at or before that step. ≈ 0 on a plateau, ≈ window
+    while the FVU still falls steadily. None when no evaluation is early enough.
+    """
+    s_b = total - decay_steps
+    early = [r for r in history if r["step"] <= s_b - window * total]
+    late = [r for r in history if r["step"] <= s_b]
+    if not early or early[-1]["step"] == late[-1]["step"]:
+        return None
+    drop = history[0]["fvu"] - history[-1]["fvu"]
+    return (early[-1]["fvu"] - late[-1]["fvu"]) / drop if drop > 0 else 1.0
+
+
+def fit(sae, h_train, h_val, args, log_path=None, echo=print):
+    """Train `sae` on h_train (N, d) with Adam (warm-up, constant, linear decay to 0; see lr_at)
+    for args.epochs epochs; evaluate on h_val before training and every `eval_every` steps,
+    print each evaluation and append it to `log_path` (JSON lines). Returns (report, history):
+    the final held-out metrics with the convergence verdict, and every evaluation record."""
+    if not (0 <= args.lr_decay < 1 and args.epochs >= 1 and args.batch_size >= 1):
+        raise UserError(f"need 0 ≤ --lr-decay < 1, --epochs ≥ 1 and --batch-size ≥ 1; got "
+                        f"{args.lr_decay}, {args.epochs}, {args.batch_size}")
+    N, n = len(h_train), sae.n
+    per_epoch = len(batch_slices(N, args.batch_size))
+    total = args.epochs * per_epoch
+    base_lr, warmup, decay = schedule(args, n, total)
+    eval_every = args.eval_every or per_epoch * math.ceil(args.epochs / 50)
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr)
+    dead_samples = args.dead_samples or N
+    since_fired = torch.zeros(n, dtype=torch.long, device=h_train.device)  # samples since fired
+    mean = F.normalize(h_train, dim=-1).mean(0)                             # (d,) for held-out FVU
+    echo(f"SAE d={sae.d} n={n} k={sae.k} | {N} train / {len(h_val)} held-out embeddings | "
+         f"lr {base_lr:.2e}, {warmup} warm-up, {decay} decay steps | {per_epoch} steps/epoch, "
+         f"{total} steps, held-out evaluation every {eval_every}")
+    history, clock = [], {"start": time.time(), "eval": 0.0}
+
+    def evaluate(step, **train):
+        t = time.time()
+        rec = {"step": step, "epoch": round(step / per_epoch, 3), **train,
+               "dead_fraction_train": (since_fired >= dead_samples).float().mean().item(),
+               **held_out_report(sae, h_val, args.batch_size, mean),
+               "ms_per_step": (t - clock["start"] - clock["eval"]) / max(step, 1) * 1e3}
+        clock["eval"] += time.time() - t                        # ms/step without evaluations
+        history.append(rec)
+        if log_path is not None:
+            append_jsonl(log_path, rec)
+        fvu = f"{train['train_fvu']:.4f}" if train else "  –   "
+        echo(f"step {step:6d} (epoch {rec['epoch']:6.2f}) | train fvu {fvu} | held-out fvu "
+             f"{rec['fvu']:.4f}, dead {100 * rec['dead_fraction']:5.1f}% | dead (train) "
+             f"{100 * rec['dead_fraction_train']:5.1f}% | {rec['ms_per_step']:.1f} ms/step")
+
+    evaluate(0)
+    step, fvu_sum, fvu_n = 0, 0.0, 0
+    for epoch in range(args.epochs):
+        order = batch_order(N, epoch, args.seed).to(h_train.device)
+        for rows in batch_slices(N, args.batch_size):
+            lr = lr_at(step, base_lr, warmup, total, decay)
+            since_fired, fvu, auxk = sae_step(sae, opt, h_train[order[rows]],
+                                              since_fired, dead_samples, lr, step, args.aux_k,
+                                              args.aux_coef, args.clip_grad)
+            step, fvu_sum, fvu_n = step + 1, fvu_sum + fvu.detach(), fvu_n + 1
+            if step % eval_every == 0 or step == total:
+                evaluate(step, lr=lr, train_fvu=float(fvu_sum) / fvu_n, auxk=auxk.item())
+                fvu_sum, fvu_n = 0.0, 0
+    return convergence_report(history, total, decay, base_lr, args.plateau_tol, echo), history
+
+
+def convergence_report(history, total, decay, lr, tol, echo=print):
+    """The last evaluation's metrics, the late gain (see late_gain) and the verdict; warns when
+    the run is probably under-trained."""
+    report = {k: history[-1][k] for k in ("step", "fvu", "cos", "l0", "dead_fraction",
+                                           "dead_fraction_train")}
+    report["late_gain"] = gain = late_gain(history, total, decay)
+    report["converged"] = None if gain is None else gain <= tol
+    report["lr"] = lr
+    if gain is None:
+        echo("note: too few held-out evaluations to check convergence (pass --eval-every)")
+    elif gain <= tol:
+        echo(f"converged: {100 * gain:.1f}% of the held-out FVU's drop came in the last fifth "
+             "of the run before the lr decay")
+    else:
+        echo(f"WARNING: the held-out FVU was still falling: {100 * gain:.0f}% of its total drop "
+             f"came in the last fifth of the run before the lr decay (--plateau-tol "
+             f"{100 * tol:g}%); the SAE is probably under-trained: raise --epochs (or --lr)")
+    return report
 
 
 def batch_slices(N, batch_size):
@@ -220,31 +367,14 @@ def train(args):
     torch.manual_seed(args.seed)
     sae = TopKSAE(d, n, args.k).to(args.device)
     sae.init_from_data(h_train[:65536], args.init)
-    base_lr = args.lr or 2e-4 / math.sqrt(n / 2 ** 14)                 # sparsify's lr rule
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr)
-    dead_samples = args.dead_samples or N
-    since_fired = torch.zeros(n, dtype=torch.long, device=args.device)  # samples since last fire
 
-    # ---- loop
-    step, t0 = 0, time.time()
-    batches = batch_slices(N, args.batch_size)
-    print(f"SAE d={d} n={n} k={args.k} | {N} train / {n_val} held-out embeddings | "
-          f"lr {base_lr:.2e} | {len(batches)} steps/epoch")
-    for epoch in range(args.epochs):
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
-        for rows in batches:
-            batch = h_train[order[rows].to(args.device)]
-            since_fired, fvu, auxk = sae_step(sae, opt, batch, since_fired, dead_samples,
-                                              lr_at(step, base_lr, args.warmup_steps), step,
-                                              args.aux_k, args.aux_coef, args.clip_grad)
-            step += 1
-        dead_frac = (since_fired >= dead_samples).float().mean().item()
-        print(f"epoch {epoch + 1:3d} | step {step:6d} | fvu {fvu.item():.4f} | auxk {auxk.item():.4f}"
-              f" | dead {100 * dead_frac:5.1f}% | {(time.time() - t0) / step * 1e3:.1f} ms/step")
+    # ---- train, evaluating on the held-out embeddings as it goes (train_log.jsonl)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_log.jsonl").unlink(missing_ok=True)
+    report, _ = fit(sae, h_train, h_val, args, log_path=out / "train_log.jsonl")
 
     # ---- save + report
-    report = held_out_report(sae, h_val, args.batch_size)
-    report["dead_fraction_train"] = (since_fired >= dead_samples).float().mean().item()
     meta = {"model": args.model, "pretrained": args.pretrained,
             "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
             "split": args.split, "n_train": N, "held_out": report, "args": vars(args)}

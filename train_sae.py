@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from data import (UserError, append_jsonl, cached_embeddings, embedding_cache_key,
+from data import (UserError, cached_embeddings, embedding_cache_key,
                   extract_embeddings, load_image_dataset, make_loader)
 from models import load_clip, model_identity
 import runs
@@ -275,7 +275,7 @@ def fit(sae, h_train, h_val, args, log_path=None, echo=print):
         clock["eval"] += time.time() - t                        # ms/step without evaluations
         history.append(rec)
         if log_path is not None:
-            append_jsonl(log_path, rec)
+            runs.append_jsonl(log_path, rec)
         fvu = f"{train['train_fvu']:.4f}" if train else "  –   "
         echo(f"step {step:6d} (epoch {rec['epoch']:6.2f}) | train fvu {fvu} | held-out fvu "
              f"{rec['fvu']:.4f}, dead {100 * rec['dead_fraction']:5.1f}% | dead (train) "

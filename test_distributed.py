@@ -174,7 +174,7 @@ def count_allreduces(p):
     for accum in (1, 1, 2, 2):
         args = SimpleNamespace(reg="l2", amp=False, accum_steps=accum, label_smoothing=0.0,
                                clip_grad=1.0, lam=1.0, mu=1.0, lam_mask=1.0, lam_l1=0.0,
-                               lam_remove=0.0)
+                               lam_remove=0.0, sae_space="unit")
         before = len(calls)
         finetune.finetune_step(model, f0, None, opt, [(x[i::accum], y[i::accum], idx[i::accum])
                                                       for i in range(accum)], args)

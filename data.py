@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 
 from runs import UserError, atomic_write  # noqa: F401  (UserError: every stage imports it here)
+from runs import progress
 
 
 # ============================================================================================
@@ -304,7 +304,7 @@ def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     use_amp = amp and device.type == "cuda"
     outs, labels = [], []
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-        for images, y in tqdm(loader, desc=desc, unit="batch", leave=False):
+        for images, y in progress(loader, desc, unit="batch", leave=False):
             out = fn(images.to(device, non_blocking=True))
             out = out if isinstance(out, (tuple, list)) else (out,)
             outs.append([o.float().cpu() for o in out])

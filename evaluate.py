@@ -303,7 +303,8 @@ def evaluate(args):
     # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
     eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     h0, ft_state = {}, None
-    for spec in model_plan(runs, alphas, args.wise_runs):
+    for spec in runs_io.progress(model_plan(runs, alphas, args.wise_runs), "evaluate",
+                                 unit="model"):
         if spec.kind == "ft":
             ft_state = load_run_state(spec.run, zs_state)
         work.load_state_dict(model_state(spec, zs_state, ft_state))

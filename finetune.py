@@ -376,6 +376,7 @@ def train(args):
 
     # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
     batches, t_log, steps_since_log = None, time.time(), 0
+    bar = runs.Progress(stop, "fine-tune", unit="step", start=step)
     while step < stop:
         if batches is None:  # a new epoch, or the rest of a resumed one
             batches = iter(data.epoch_loader(
@@ -391,6 +392,7 @@ def train(args):
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
         step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
+        bar.update()
         epoch_done = pos == steps_per_epoch
         if epoch_done:
             epoch, pos, batches = epoch + 1, 0, None
@@ -411,6 +413,7 @@ def train(args):
             runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
                                  optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
                                  args=vars(args))
+    bar.close()
 
     # ---- save the model + the config that rebuilds it; summary
     config.update(args=vars(args), steps=step, total_steps=total_steps,

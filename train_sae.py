@@ -178,7 +178,7 @@ def main(argv=None):
     batches_per_epoch = math.ceil(N / args.batch_size)
     print(f"SAE d={d} n={n} k={args.k} | {N} train / {n_val} held-out embeddings | "
           f"lr {base_lr:.2e} | {batches_per_epoch} steps/epoch")
-    for epoch in range(args.epochs):
+    for epoch in runs.progress(range(args.epochs), "SAE", unit="epoch"):
         order = torch.randperm(N, generator=torch.Generator().manual_seed(args.seed + 1 + epoch))
         for i in range(0, N, args.batch_size):
             batch = h_train[order[i:i + args.batch_size].to(args.device)]

@@ -212,11 +212,20 @@ def parse_sets(args):
 # The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
 # ============================================================================================
 
+KEEP_BYTES = 2 ** 29   # an eval set whose transformed images fit in 512 MiB is decoded only once
+
+
 def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform."""
-    transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
-    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
-    (h,), labels = data.extract_outputs(clf.encode, loader, args.device, amp=True,
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A small
+    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once."""
+    batches = s.batches
+    if batches is None:
+        transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
+        batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
+        x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
+        if len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
+            batches = s.batches = list(batches)
+    (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)
     return h, labels
 
@@ -406,6 +415,7 @@ class EvalData:
     source: str | None
     classnames: list | None = None        # transfer sets: their own class names
     head: torch.Tensor | None = None      # transfer sets: (C, d) scaled zero-shot weights
+    batches: list | None = None           # (images, labels) batches, kept if small (embed)
 
 
 def builtin_source(name, data_root):

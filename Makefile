@@ -18,9 +18,11 @@ test: .venv/installed
 	$(PY) -m pytest -q
 
 # ---------------------------------------------------------------------------------------------
-# The demo. Override any variable: `make demo SEED=1 DEMO=runs/demo_seed1`. The toy world and
-# its tiny CLIP are built once into $(WORLD) (cached; ~5 min on 2 cores); the rest takes a few
-# minutes and is re-run every time. Fixed seeds: the same command prints the same table.
+# The demo. Override any variable: `make demo SEED=1 DEMO=runs/demo_seed1`. The toy world is
+# drawn once into $(WORLD) (cached; under a minute on 2 cores: its tiny CLIP ships pretrained in
+# toy_clip.safetensors); the rest takes a few minutes and is re-run every time. Fixed seeds: on
+# one machine with the same THREADS the same command prints the same table; elsewhere expect
+# differences within the seed spread the README gives.
 WORLD       ?= toy_world
 WORLD_FLAGS ?=
 DEMO        ?= runs/demo

@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 
 import runs
 # UserError: every stage imports it here
 from runs import UserError, atomic_write, brief, read_text  # noqa: F401
+from runs import progress
 
 
 # ============================================================================================
@@ -340,9 +340,9 @@ def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     device = torch.device(device)
     use_amp = amp and device.type == "cuda"
     outs, labels = [], []
-    quiet = {} if runs.is_main() else {"disable": True}    # torchrun: rank 0's progress bar
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
-        for images, y in tqdm(loader, desc=desc, unit="batch", leave=False, **quiet):
+        for images, y in (progress(loader, desc, unit="batch", leave=False)
+                          if runs.is_main() else loader):        # torchrun: rank 0's bar only
             out = fn(images.to(device, non_blocking=True))
             out = out if isinstance(out, (tuple, list)) else (out,)
             outs.append([o.float().cpu() for o in out])

@@ -265,12 +265,21 @@ def parse_sets(args):
 # The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
 # ============================================================================================
 
+KEEP_BYTES = 2 ** 29   # an eval set whose transformed images fit in 512 MiB is decoded only once
+
+
 def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform."""
-    transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
-    loader = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
-                              shard=True)                # torchrun: each rank its share
-    (h,), labels = data.extract_outputs(clf.encode, loader, args.device, amp=True,
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A small
+    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once."""
+    batches = s.batches
+    if batches is None:
+        transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
+        batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
+                                   shard=True)           # torchrun: each rank its share
+        x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
+        if len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
+            batches = s.batches = list(batches)
+    (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)
     return h, labels
 
@@ -383,7 +392,8 @@ def evaluate(args):
     # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
     eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     h0, ft_state = {}, None
-    for spec in model_plan(runs, alphas, args.wise_runs):
+    for spec in runs_io.progress(model_plan(runs, alphas, args.wise_runs), "evaluate",
+                                 unit="model"):
         if spec.kind == "ft":
             ft_state = load_run_state(spec.run, zs_state)
         work.load_state_dict(model_state(spec, zs_state, ft_state))
@@ -497,6 +507,7 @@ class EvalData:
     head: torch.Tensor | None = None      # transfer sets: (C, d) scaled zero-shot weights
     groups: torch.Tensor | None = None    # FMoW: region of each image (N,)
     group_names: list | None = None
+    batches: list | None = None           # (images, labels) batches, kept if small (embed)
 
 
 def local_source(spec, data_root):

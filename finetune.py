@@ -441,6 +441,8 @@ def train(args):
 
     # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
     batches, t_log, steps_since_log = None, time.time(), 0
+    bar = runs.Progress(stop, "fine-tune", unit="step", start=step,
+                        stream=None if main else open(os.devnull, "w"))  # torchrun: rank 0's
     while step < stop:
         if batches is None:  # a new epoch, or the rest of a resumed one
             batches = iter(data.epoch_loader(
@@ -456,6 +458,7 @@ def train(args):
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
         step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
+        bar.update()
         epoch_done = pos == steps_per_epoch
         if epoch_done:
             epoch, pos, batches = epoch + 1, 0, None
@@ -478,6 +481,7 @@ def train(args):
             runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
                                  optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
                                  args=vars(args), world_size=world)
+    bar.close()
 
     # ---- save the model + the config that rebuilds it; summary (torchrun: rank 0)
     summary = None

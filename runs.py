@@ -19,6 +19,7 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     read_run, Run                      a finetune.py output folder and what its config says
     dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
     gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
+    Progress, progress                 a bar with an ETA on a terminal, plain lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
 the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
@@ -64,14 +65,19 @@ def cli(main, argv=None):
     try:
         return main(sys.argv[1:] if argv is None else list(argv))
     except (UserError, FileNotFoundError) as e:
+        end_progress()
         sys.exit("error: " + " ".join(str(e).split()))            # one line, whatever e holds
     except RuntimeError as e:  # torchrun: another process died, or stalled past DIST_TIMEOUT
         if not lost_contact(e):
             raise
+        end_progress()
         why = re.sub(r"^\[[^\]]*\]\s*", "", str(e).splitlines()[0]).split(". ")[0]  # gloo's
         sys.exit(f"error: process {rank()} of {world_size()} lost contact with the others "
                  f"({why[:200]}): another one failed (its own error says why) or did not "
                  "answer within runs.DIST_TIMEOUT")
+
+    finally:
+        end_progress()
 
 
 def brief(e):
@@ -566,3 +572,161 @@ def lost_contact(e):
     """Did a collective operation fail because another process died or stalled (gloo / NCCL)?"""
     return world_size() > 1 and (isinstance(e, dist.DistError) or any(
         w in str(e) for w in ("gloo", "NCCL", "Timed out", "Connection reset", "closed by peer")))
+
+
+# ============================================================================================
+# Progress: a bar with an ETA on a terminal, plain periodic lines in a log
+# ============================================================================================
+
+class Progress:
+    """Progress of a loop of known length, with its ETA (remaining = elapsed / done × left).
+
+    On a terminal (`stream` is a tty): one line, redrawn in place at most every `redraw` s,
+        pretrain  42% [########------------] 980/2343 step | 3:10 < 4:24, 5.2 step/s | loss 1.234
+    and lines printed to stdout meanwhile go above it. Anywhere else (a log file, CI): a plain
+    line at most every `every` s, and the final count at the end if any was printed — short
+    loops print nothing, and no line holds a carriage return:
+        pretrain: 980/2343 step (42%) | 3:10 elapsed, ETA 4:24, 5.2 step/s | loss 1.234
+    A bar opened while another is up stays silent (the outer one carries the ETA); TQDM_DISABLE=1
+    (tqdm's own switch) silences all of them. `start`: steps already done (a resumed run), not
+    counted in the rate.
+    """
+    active = None                                      # the bar on screen (one at a time)
+
+    def __init__(self, total, desc, unit="it", start=0, leave=True, stream=None, every=30.0,
+                 redraw=0.2, clock=time.monotonic):
+        self.total = None if total is None else max(int(total), 0)  # None: unknown length
+        self.desc, self.unit, self.leave = desc, unit, leave
+        self.n = self.start = start
+        self.info = ""
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.t0 = self.last = clock()
+        self.shown, self.shown_n = False, None         # a line printed / bar drawn, at count
+        self.silent = (Progress.active is not None
+                       or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"))
+        self.tty = (not self.silent and _isatty(self.stream)
+                    and os.environ.get("TERM") != "dumb")
+        self.every = redraw if self.tty else every
+        self._stdout = None
+        if not self.silent:
+            Progress.active = self
+            if self.tty and _isatty(sys.stdout):       # keep print() lines off the bar
+                self._stdout, sys.stdout = sys.stdout, _AboveBar(sys.stdout, self)
+            if self.tty:
+                self._show()
+
+    def update(self, n=1, info=None):
+        """Count n more steps done; `info` (e.g. "loss 1.234") is shown after the ETA."""
+        self.n += n
+        if info is not None:
+            self.info = info
+        if not self.silent and self.clock() - self.last >= self.every:
+            self._show()
+
+    def close(self):
+        """The final state: the bar's last draw (then a newline, or cleared if not leave), or
+        the last plain line if any was printed."""
+        if self.silent or Progress.active is not self:
+            return
+        if self.tty:
+            self._show()
+            self.stream.write("\n" if self.leave else "\r\033[K")
+        elif self.shown and self.n != self.shown_n:    # the last count, unless just printed
+            self._show()
+        self.stream.flush()
+        if self._stdout is not None:
+            sys.stdout = self._stdout
+        Progress.active = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def line(self):
+        """The text of the bar (terminal) or of one plain line, from the counts and the clock."""
+        elapsed = self.clock() - self.t0
+        done, total = self.n - self.start, self.total
+        rate = done / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 or rate == 0 else \
+            f"{1 / rate:.1f} s/{self.unit}"
+        info = f" | {self.info}" if self.info else ""
+        if total is None:                              # no length, no ETA: count and rate
+            return (f"{self.desc}{' ' if self.tty else ': '}{self.n} {self.unit} | "
+                    f"{_clock(elapsed)}, {speed}{info}")
+        eta = (total - self.n) / rate if rate > 0 and total >= self.n else None
+        frac = min(self.n / total, 1.0) if total else 1.0
+        if self.tty:
+            full = int(20 * frac)
+            return (f"{self.desc} {100 * frac:3.0f}% [{'#' * full}{'-' * (20 - full)}] "
+                    f"{self.n}/{total} {self.unit} | {_clock(elapsed)} < {_clock(eta)}, "
+                    f"{speed}{info}")
+        return (f"{self.desc}: {self.n}/{total} {self.unit} ({100 * frac:.0f}%) | "
+                f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}, {speed}{info}")
+
+    def _show(self):
+        self.last, self.shown, self.shown_n = self.clock(), True, self.n
+        if self.tty:
+            self.stream.write("\r" + self.line() + "\033[K")
+        else:
+            self.stream.write(self.line() + "\n")
+        self.stream.flush()
+
+    def _clear(self):
+        """Wipe the bar off its line (before a print), to be redrawn below the printed text."""
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def progress(iterable, desc, total=None, unit="it", **kw):
+    """Iterate `iterable` under a Progress bar (total: len(iterable) if it has one)."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    bar = Progress(total, desc, unit, **kw)
+    with bar:
+        for item in iterable:
+            yield item
+            bar.update()
+
+
+def end_progress():
+    """Close the bar on screen, if any (an error message then starts on a line of its own)."""
+    if Progress.active is not None:
+        Progress.active.close()
+
+
+class _AboveBar:
+    """sys.stdout while a terminal bar is up: each printed line goes above the bar."""
+
+    def __init__(self, out, bar):
+        self._out, self._bar = out, bar
+
+    def write(self, text):
+        self._bar._clear()
+        n = self._out.write(text)
+        if text.endswith("\n"):
+            self._out.flush()
+            self._bar._show()
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._out, name)
+
+
+def _isatty(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):                # no isatty, or a closed stream
+        return False
+
+
+def _clock(seconds):
+    """m:ss or h:mm:ss; '?' while unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -140,6 +140,68 @@ def test_other_settings_fail_clearly_through_cli(world):
     assert len(r.stderr.strip().splitlines()) == 1, "expected a one-line error, not a traceback"
 
 
+def test_pretrained_here_writes_its_compact_file(world):
+    out, args, manifest = world
+    # --tiny settings are not the shipped model's: the tiny CLIP was pretrained here
+    assert manifest["clip"] == "pretrained" and not tw.shipped_fits(args)
+    compact = os.path.join(out, tw.COMPACT)
+    assert manifest["clip_sha256"] == tw.file_digest(compact)
+    _, info = tw.compact_info(compact)
+    assert info["pretrain_settings"] == tw.pretrain_settings(args)
+
+
+def test_compact_file_round_trips_bit_for_bit(world, tmp_path):
+    import open_clip
+    model = open_clip.create_model_and_transforms("local-dir:" + os.path.join(world[0], "clip"))[0]
+    path = str(tmp_path / "clip.safetensors")
+    tw.save_compact(model, path, {"note": "test"})
+    again = tw.load_compact(path)
+    assert tw.compare(again, model) == (True, 0.0)
+    assert tw.compact_info(path) == (tw.CLIP_CFG, {"note": "test"})
+    assert os.path.getsize(path) < 1.5e6                 # the full state dict is 13.6 MB
+    # and compare() does see a difference
+    with torch.no_grad():
+        again.visual.conv1.weight[0, 0, 0, 0] += 0.5
+    same, diff = tw.compare(again, model)
+    assert not same and abs(diff - 0.5) < 1e-6
+
+
+def test_untrained_token_rows_are_zero_and_never_read(world, data):
+    import open_clip
+    model = open_clip.create_model_and_transforms("local-dir:" + os.path.join(world[0], "clip"))[0]
+    captions = [c for name in ("train", "ood_sketch", "ood_pattern") for c in data[name]["caption"]]
+    prompts = [tw.ZS_TEMPLATE.format(c) for c in tw.CLASSES]
+    tokens = tw.tokenize(captions + prompts)
+    kept = set(torch.nonzero(model.token_embedding.weight.abs().sum(1)).flatten().tolist())
+    assert 20 < len(kept) < 100                        # a few dozen of the 49,408 rows
+    # every token the captions and the zero-shot prompts read (up to end-of-text) has a row
+    assert set(tw.trained_tokens(tokens).tolist()) <= kept
+    # and what lies beyond end-of-text (padding: row 0, zeroed) does not change a text embedding
+    assert 0 not in kept
+    with torch.no_grad():
+        before = model.encode_text(tokens[:50])
+        model.token_embedding.weight[0] = torch.randn(tw.CLIP_CFG["text_cfg"]["width"])
+        assert torch.equal(before, model.encode_text(tokens[:50]))
+
+
+def test_shipped_clip_is_loaded_and_checked(tmp_path):
+    # the default pretraining settings, small fine-tuning splits: the shipped model, no pretraining
+    small = ["--n-train", "50", "--n-eval", "400"]
+    args = tw.parse_args(["--out", str(tmp_path / "w"), *small])
+    assert tw.shipped_fits(args), f"{tw.SHIPPED_CLIP} is missing or not the default world's"
+    manifest = tw.build(args)
+    assert manifest["clip"] == "shipped" and manifest["clip_sha256"] == tw.file_digest(tw.SHIPPED_CLIP)
+    assert manifest["zero_shot"]["test"] >= 88 and manifest["zero_shot"]["ood_sketch"] >= 85
+    assert not os.path.exists(tmp_path / "w" / tw.COMPACT)
+    # a shipped model below the bar fails the build with one line
+    cmd = [sys.executable, os.path.join(HERE, "toy_world.py"), "--out", str(tmp_path / "v"),
+           "--n-train", "10", "--n-eval", "20", "--min-zero-shot", "101"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: the shipped tiny CLIP")
+    assert not os.path.exists(tmp_path / "v" / "world.json")
+
+
 def test_crash_leaves_no_half_world(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash during pretraining")

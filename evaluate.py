@@ -270,14 +270,16 @@ KEEP_BYTES = 2 ** 29   # an eval set whose transformed images fit in 512 MiB is 
 
 def embed(clf, s, preprocess, args):
     """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A small
-    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once."""
+    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once
+    (one process only: under torchrun the loader's shard tells extract_outputs to gather)."""
     batches = s.batches
     if batches is None:
         transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
         batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
                                    shard=True)           # torchrun: each rank its share
         x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
-        if len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
+        if runs_io.world_size() == 1 and \
+                len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
             batches = s.batches = list(batches)
     (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)

@@ -60,7 +60,7 @@ def test_every_stage_end_to_end(family, tiny_image_dataset, tmp_path, capsys):
     # ---- stage 1: the SAE on the zero-shot embeddings
     report = train_sae.main(["--model", clip, "--train-data", data_, "--cache-dir",
                              str(tmp_path / "cache"), "--expansion", "2", "--k", "4",
-                             "--epochs", "1", "--batch-size", "16", "--workers", "0",
+                             "--epochs", "1", "--batch-size", "16", "--workers", "0", "--lr", "1e-3",
                              "--device", "cpu", "--out", str(sae_dir)])
     assert 0 <= report["fvu"] < 10 and report["l0"] <= 4, report
 

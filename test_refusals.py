@@ -204,7 +204,7 @@ def test_lock_held_by_another_process_then_stale(argv, tmp_path, capfd):
     main(list(map(str, args)))
     assert f"taking over the stale lock of {out} (pid {holder.pid}" in capfd.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "sae.safetensors",
-                                                    "sae_config.json"]
+                                                    "sae_config.json", "train_log.jsonl"]
 
 
 def test_train_sae_replaces_an_sae_only_with_overwrite(argv, shared_cache, tmp_path,
@@ -213,8 +213,8 @@ def test_train_sae_replaces_an_sae_only_with_overwrite(argv, shared_cache, tmp_p
     args = setting(args, "--cache-dir", shared_cache)
     out = tmp_path / "out"
     main(list(map(str, args)))
-    refused(main, args, "already holds a run (sae.safetensors, sae_config.json, metrics.json);"
-            " pass --overwrite", unchanged=[out])
+    refused(main, args, "already holds a run (sae.safetensors, sae_config.json, metrics.json, "
+            "train_log.jsonl); pass --overwrite", unchanged=[out])
     # --overwrite, but the new run diverges: the old SAE stays as it was.
     monkeypatch.setattr(train_sae, "lr_at", lambda *a: float("inf"))
     refused(main, args + ["--overwrite"], "non-finite SAE weights", unchanged=[out])

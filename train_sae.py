@@ -26,6 +26,7 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
 """
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ RANGES = {"max_samples": "[1, inf)", "expansion": "[1, inf)", "k": "[1, inf)",
           "warmup_steps": "[0, inf)", "clip_grad": "(0, inf)", "val_fraction": "(0, 1)",
           "extract_batch_size": "[1, inf)", "workers": "[0, inf)", "seed": runs.SEED_RANGE,
           "eval_every": "[1, inf)", "plateau_tol": "[0, 1]", "lr_decay": "[0, 1)"}
-OUT_FILES = ("sae.safetensors", "sae_config.json", "metrics.json")
+OUT_FILES = ("sae.safetensors", "sae_config.json", "metrics.json", "train_log.jsonl")
 
 
 def check_args(args):
@@ -369,10 +370,17 @@ def train(args):
     sae.init_from_data(h_train[:65536], args.init)
 
     # ---- train, evaluating on the held-out embeddings as it goes (train_log.jsonl)
+    # (logged to a .part file, moved beside the SAE when it is saved: a failed or diverging run
+    # leaves an SAE already in --out and its log as they were)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_log.jsonl").unlink(missing_ok=True)
-    report, _ = fit(sae, h_train, h_val, args, log_path=out / "train_log.jsonl")
+    log = out / "train_log.jsonl.part"
+    log.unlink(missing_ok=True)
+    try:
+        report, _ = fit(sae, h_train, h_val, args, log_path=log)
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
 
     # ---- save + report
     meta = {"model": args.model, "pretrained": args.pretrained,
@@ -380,6 +388,7 @@ def train(args):
             "split": args.split, "n_train": N, "held_out": report, "args": vars(args)}
     sae.save(args.out, meta)
     runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
+    os.replace(log, out / "train_log.jsonl")
     print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
           f"dead {100 * report['dead_fraction']:.1f}% (train-tracked "
           f"{100 * report['dead_fraction_train']:.1f}%) | saved {args.out}")

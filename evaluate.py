@@ -212,18 +212,16 @@ def parse_sets(args):
 # The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
 # ============================================================================================
 
-KEEP_BYTES = 2 ** 29   # an eval set whose transformed images fit in 512 MiB is decoded only once
-
-
 def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A small
-    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once."""
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A set
+    whose transformed images fit in data.KEEP_BYTES is decoded once and kept (s.batches) for
+    the next model: the same inputs."""
     batches = s.batches
     if batches is None:
         transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
         batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers)
         x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
-        if len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
+        if len(s.dataset) * x.nelement() * x.element_size() <= data.KEEP_BYTES:
             batches = s.batches = list(batches)
     (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)

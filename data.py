@@ -183,9 +183,15 @@ def _subsample(ds, max_samples):
     return ds.shuffle(seed=0).select(range(max_samples))
 
 
+def column(dataset, name):
+    """One whole column as a numpy array, read in one slice without decoding a single image
+    (`dataset[name]` is a lazy column that formats row by row: seconds for 5000 rows)."""
+    return dataset.with_format("numpy", columns=[name])[:][name]
+
+
 def labels_of(dataset):
     """All labels as a LongTensor (N,), read without decoding a single image."""
-    return torch.as_tensor(dataset.with_format("numpy")["label"], dtype=torch.long)
+    return torch.as_tensor(column(dataset, "label"), dtype=torch.long)
 
 
 def class_names(dataset, label_column="label", names_file=None):
@@ -217,7 +223,7 @@ def read_names_file(spec):
 
 def check_label_range(dataset, num_classes, label_column="label"):
     """Raise UserError unless every label is in 0..num_classes-1."""
-    labels = torch.as_tensor(dataset.with_format("numpy")[label_column])
+    labels = torch.as_tensor(column(dataset, label_column))
     if len(labels) == 0:
         raise UserError("dataset is empty")
     lo, hi = int(labels.min()), int(labels.max())
@@ -287,22 +293,32 @@ def seeded(seed):
             random.setstate(py_state)
 
 
+KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB)
+
+
 class SeededImages(torch.utils.data.Dataset):
     """dataset[(i, seed)] -> (transform(image_i), label_i, i), its random crop drawn from `seed`.
 
     Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
-    scheduling or where a resumed run restarted — which is what makes resuming exact."""
+    scheduling or where a resumed run restarted — which is what makes resuming exact.
+    keep=True (only for a transform without randomness, e.g. no augmentation): each image is
+    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all."""
 
-    def __init__(self, dataset, transform):
+    def __init__(self, dataset, transform, keep=False):
         self.images = TorchImageDataset(dataset, transform)
+        self.kept, self.room = {}, KEEP_BYTES if keep else 0
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, key):
         i, seed = key
+        if i in self.kept:
+            return (*self.kept[i], i)
         with seeded(seed):
             image, label = self.images[i]
+        if image.nbytes <= self.room:
+            self.kept[i], self.room = (image, label), self.room - image.nbytes
         return image, label, i
 
 
@@ -660,11 +676,11 @@ def _raw_label_names(ds):
     """The label of every row as a string name (folder / wnid), or None if labels are bare ints."""
     import datasets
     feature = ds.features["label"]
-    raw = ds.with_format("numpy")["label"]
+    raw = column(ds, "label")
     if isinstance(feature, datasets.ClassLabel):
         return [feature.names[i] for i in raw]
     if feature == datasets.Value("string"):
-        return list(raw)
+        return [str(x) for x in raw]
     return None
 
 

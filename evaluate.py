@@ -265,13 +265,11 @@ def parse_sets(args):
 # The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
 # ============================================================================================
 
-KEEP_BYTES = 2 ** 29   # an eval set whose transformed images fit in 512 MiB is decoded only once
-
-
 def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A small
-    set's transformed images are kept (s.batches) for the next model: same inputs, decoded once
-    (one process only: under torchrun the loader's shard tells extract_outputs to gather)."""
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A set
+    whose transformed images fit in data.KEEP_BYTES is decoded once and kept (s.batches) for
+    the next model: the same inputs (one process only: under torchrun the loader's shard tells
+    extract_outputs to gather)."""
     batches = s.batches
     if batches is None:
         transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
@@ -279,7 +277,7 @@ def embed(clf, s, preprocess, args):
                                    shard=True)           # torchrun: each rank its share
         x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
         if runs_io.world_size() == 1 and \
-                len(s.dataset) * x.nelement() * x.element_size() <= KEEP_BYTES:
+                len(s.dataset) * x.nelement() * x.element_size() <= data.KEEP_BYTES:
             batches = s.batches = list(batches)
     (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)

@@ -410,7 +410,8 @@ def train(args):
             and main:
         print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
               "checkpointing; training without it (more memory)", file=sys.stderr)
-    images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val)
+    images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val,
+                               keep=not args.augment)     # no augmentation: decode once
     h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
         else None
 

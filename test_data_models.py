@@ -84,6 +84,40 @@ def test_image_folder_labels_follow_folders(tmp_path):
         assert names[row["label"]] == ["cat", "dog", "emu"][folder_code(row["image"])]
 
 
+def test_labels_are_read_in_one_slice_without_images(tmp_path, monkeypatch):
+    # image paths that do not exist: any image decode would fail, label reading must not
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(tmp_path / f"missing{i}.png") for i in range(6)], "label": [0, 2, 1, 2, 0, 1]},
+        features=datasets.Features({"image": datasets.Image(),
+                                    "label": datasets.ClassLabel(names=["a", "b", "c"])}))
+    sub = ds.select([5, 1, 3])
+    reads = []                                   # one read for all rows, not one per row
+    getitem = datasets.Dataset._getitem
+    monkeypatch.setattr(datasets.Dataset, "_getitem",
+                        lambda self, key, **kw: reads.append(key) or getitem(self, key, **kw))
+    assert data.labels_of(sub).tolist() == [1, 2, 2] and len(reads) == 1
+    assert data.class_names(sub) == ["a", "b", "c"]
+    with pytest.raises(UserError, match="outside 0..1"):
+        data.check_label_range(sub, 2)
+
+
+def test_kept_images_are_the_same_inputs(tiny_image_dataset, monkeypatch):
+    ds = data.load_image_dataset(tiny_image_dataset, split="train")
+    from torchvision.transforms import ToTensor
+    transform = ToTensor()                       # no randomness: the same tensor every time
+    plain, kept = data.SeededImages(ds, transform), data.SeededImages(ds, transform, keep=True)
+    for epoch in range(2):                       # the second epoch reads kept images
+        for a, b in zip(data.epoch_loader(plain, 16, 0, epoch, 0, 4),
+                        data.epoch_loader(kept, 16, 0, epoch, 0, 4)):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(kept.kept) == len(ds) and not plain.kept
+    # never more than KEEP_BYTES: room for 10 images keeps 10
+    monkeypatch.setattr(data, "KEEP_BYTES", 10 * kept.kept[0][0].nbytes)
+    few = data.SeededImages(ds, transform, keep=True)
+    list(data.epoch_loader(few, 16, 0, 0, 0, 4))
+    assert len(few.kept) == 10
+
+
 def test_missing_split_lists_splits(tiny_image_dataset):
     with pytest.raises(UserError, match=r"split 'validation'.*\['test', 'train'\]"):
         data.load_image_dataset(tiny_image_dataset, split="validation")

@@ -54,7 +54,7 @@ demo: .venv/installed
 demo-run:
 	OMP_NUM_THREADS=$(THREADS) $(PY) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
 	OMP_NUM_THREADS=$(THREADS) $(PY) train_sae.py --model $(CLIP) --train-data $(WORLD)/data \
-	    --device cpu --workers 0 --seed $(SEED) $(SAE_FLAGS) --out $(DEMO)/sae
+	    --device cpu --workers 0 --seed $(SEED) $(SAE_FLAGS) --out $(DEMO)/sae --overwrite
 	for m in $(METHODS); do \
 	    lam=none; case $$m in l2) lam=$(LAM_l2);; l1) lam=$(LAM_l1);; \
 	        sae-preserve) lam=$(LAM_sae-preserve);; sae-sparse) lam=$(LAM_sae-sparse);; esac; \
@@ -84,7 +84,7 @@ FRONTIER    ?= runs/frontier
 TAG         ?= main
 SEEDS       ?= 0 1 2
 FRONTIER_CURVES ?= l2|--reg l2|100 300 1000 3000\nsae-preserve|--reg sae-preserve|100 300 1000 3000 10000
-ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 1000 3000 10000\npres-only|--reg sae-preserve --mu 0|300 1000 3000 10000\nsae-sparse|--reg sae-sparse|300 1000 3000 10000\nsae-preserve-remove|--reg sae-preserve-remove|300 1000 3000 10000\nlam-mask-10|--reg sae-preserve --lam-mask 10|300 1000 3000 10000
+ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 3000 30000\npres-only|--reg sae-preserve --mu 0|300 3000 30000\nsae-sparse|--reg sae-sparse|300 3000 30000\nsae-preserve-remove|--reg sae-preserve-remove|300 3000 30000\nlam-mask-10|--reg sae-preserve --lam-mask 10|100 1000 10000
 
 frontier: .venv/installed
 	OMP_NUM_THREADS=$(THREADS) $(PY) toy_world.py --out $(WORLD) $(WORLD_FLAGS)

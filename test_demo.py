@@ -62,6 +62,13 @@ def test_tiny_demo_end_to_end(world, tmp_path):
         assert 0 <= rec["cka"] <= 1 + 1e-6 and 0 <= rec["overlap"] <= 1
         assert math.isfinite(rec["fvu"]) and rec["fvu"] >= 0
     assert "OOD mean" in r.stdout and "zero-shot" in r.stdout.split("OOD mean")[-1]
+    # a second `make demo` over the first one's outputs re-runs every stage (not refused)
+    sae_time = (demo / "sae" / "sae.safetensors").stat().st_mtime_ns
+    r = subprocess.run(cmd + ["METHODS=none"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (demo / "sae" / "sae.safetensors").stat().st_mtime_ns > sae_time
+    assert {json.loads(line)["method"] for line in
+            (demo / "results.jsonl").read_text().splitlines()} == {"zero-shot", "none"}
 
 
 @needs_make

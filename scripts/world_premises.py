@@ -1,12 +1,17 @@
 """The premises of a toy world, measured before any method is compared on it.
 
     python scripts/world_premises.py --world toy_world_crowd     (built by toy_world.py --out)
+    python scripts/world_premises.py --world toy_world_crowd --sae runs/frontier_crowd/seed0/sae
 
 Prints one JSON object: the tiny CLIP's zero-shot top-1 on every split; a linear probe on frozen
 zero-shot features (trained on `train`, scored on `test`): how far the ID task gets without
 changing the encoder; and a probe of the spurious mark's colour on zero-shot features
 (`ood_nocue`, where the colour is random; half to train, half to score; chance 10 %): whether
-the zero-shot model already encodes the shortcut. Fine-tuning's own ID accuracy comes from
+the zero-shot model already encodes the shortcut. With --sae (a zero-shot SAE trained on the
+world, train_sae.py): whether the SAE has a feature for each shape. For each class, the latent
+whose decoder atom lies closest to the class name's text embedding ("a photo of a {name}."),
+that cosine, and how often the latent fires on `test` images whose large shape is the class,
+whose small shapes include it, and which do not hold it at all. Fine-tuning's own ID accuracy comes from
 finetune.py + evaluate.py (README, "When does SAE-FT beat L2?").
 """
 import argparse
@@ -46,9 +51,37 @@ def probe(x_train, y_train, x_test, y_test, classes):
         return float(((10 * x_test @ W + b).argmax(1) == y_test).float().mean() * 100)
 
 
+def shape_features(model, sae, h, captions, labels):
+    """Premise (2): per class, the SAE latent nearest the class name's text embedding; its
+    atom-text cosine and its firing rate (%) on images holding the shape large / small / not."""
+    import re
+    with torch.no_grad():
+        text = model.encode_text(tw.tokenize([tw.ZS_TEMPLATE.format(c) for c in tw.CLASSES]),
+                                 normalize=True)                        # (C, d)
+        atoms = F.normalize(sae.W_dec.T, dim=-1)                        # (n, d)
+        cos, latent = (text @ atoms.T).max(1)                           # (C,)
+        fires = sae.encode(h)[:, latent] > 0                            # (N, C)
+    small = torch.tensor([[c in re.findall(r"small (\w+)", t) for c in tw.CLASSES]
+                          for t in captions])                          # (N, C)
+    large = F.one_hot(torch.as_tensor(labels), len(tw.CLASSES)).bool()
+    groups = {"large": large, "small": small, "absent": ~(large | small)}
+
+    def rate(mask):                     # % of (image, class) pairs in mask whose latent fires
+        return round(float(fires[mask].float().mean() * 100), 1)
+    columns = torch.eye(len(tw.CLASSES), dtype=torch.bool)
+    per_class = {c: {"latent": int(latent[i]), "atom_text_cosine": round(float(cos[i]), 3),
+                     **{f"fires_{g}_%": rate(m & columns[i]) for g, m in groups.items()}}
+                 for i, c in enumerate(tw.CLASSES)}
+    return {"distinct_latents": len(set(latent.tolist())),
+            "mean_atom_text_cosine": round(float(cos.mean()), 3),
+            **{f"fires_{g}_%": rate(m) for g, m in groups.items()}, "per_class": per_class}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", required=True, help="a folder toy_world.py built (data/, clip/)")
+    p.add_argument("--sae", help="a zero-shot SAE folder trained on this world (train_sae.py): "
+                        "also measure its shape features")
     args = p.parse_args()
     import datasets
     import open_clip
@@ -70,6 +103,11 @@ def main():
     half = len(x) // 2
     out["mark_colour_probe_nocue"] = round(probe(h[:half], marks[:half], h[half:], marks[half:],
                                                  len(tw.MARK_COLOURS)), 2)
+    if args.sae:
+        from models import load_frozen_sae
+        sae = load_frozen_sae(args.sae)[0]
+        out["sae_shape_features"] = shape_features(model, sae, embed(split["test"][0]),
+                                                   data["test"]["caption"], split["test"][1])
     print(json.dumps(out, indent=1))
 
 

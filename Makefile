@@ -43,38 +43,51 @@ LAM_l1           ?= 30
 # 3000}): the smallest λ at which SAE-FT is within 0.3 points of the zero-shot OOD mean.
 EVAL_FLAGS  ?= --wise-alphas sweep --workers 0
 REPORT_FLAGS ?= --workers 0
-THREADS     ?= 2
+# One thread per process, two processes at a time: the tiny demo models barely use a second
+# thread (one process with 2 threads ran at 107 % CPU), so the two cores go further running
+# two stages at once. Stages that need each other's outputs still run in order (the rules
+# below); every stage's output is printed whole when it ends (--output-sync). JOBS=1 runs them
+# one by one, with live progress bars.
+THREADS     ?= 1
+JOBS        ?= 2
 SETS = test=$(WORLD)/data:test nocue=$(WORLD)/data:ood_nocue \
        sketch=$(WORLD)/data:ood_sketch pattern=$(WORLD)/data:ood_pattern
 CLIP = local-dir:$(WORLD)/clip
+RUN  = OMP_NUM_THREADS=$(THREADS) $(PY)
 
 demo: .venv/installed
-	$(MAKE) --no-print-directory demo-run
+	$(MAKE) --no-print-directory -j$(JOBS) --output-sync=target demo-run
 
-demo-run:
-	OMP_NUM_THREADS=$(THREADS) $(PY) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
-	OMP_NUM_THREADS=$(THREADS) $(PY) train_sae.py --model $(CLIP) --train-data $(WORLD)/data \
-	    --device cpu --workers 0 --seed $(SEED) $(SAE_FLAGS) --out $(DEMO)/sae --overwrite
-	for m in $(METHODS); do \
-	    lam=none; case $$m in l2) lam=$(LAM_l2);; l1) lam=$(LAM_l1);; \
-	        sae-preserve) lam=$(LAM_sae-preserve);; sae-sparse) lam=$(LAM_sae-sparse);; esac; \
-	    OMP_NUM_THREADS=$(THREADS) $(PY) finetune.py --model $(CLIP) --train-data $(WORLD)/data \
-	        --sae $(DEMO)/sae --reg $$m $$( [ $$lam = none ] || echo --lam $$lam ) \
-	        --device cpu --seed $(SEED) $(FT_FLAGS) --out $(DEMO)/$$m --overwrite || exit 1; \
-	done
-	rm -f $(DEMO)/results.jsonl
-	OMP_NUM_THREADS=$(THREADS) $(PY) evaluate.py --runs $(addprefix $(DEMO)/,$(METHODS)) \
-	    --wise-runs $(DEMO)/none --sae $(DEMO)/sae --sets $(SETS) --id-set test --device cpu \
-	    $(EVAL_FLAGS) --results $(DEMO)/results.jsonl --plot $(DEMO)/wise_ft.png > $(DEMO)/evaluate.log
-	for m in $(METHODS); do \
-	    OMP_NUM_THREADS=$(THREADS) $(PY) interpret.py report --run $(DEMO)/$$m --sae $(DEMO)/sae \
-	        --data $(WORLD)/data --split test --device cpu $(REPORT_FLAGS) \
-	        --out $(DEMO)/report_$$m --results $(DEMO)/interpret.jsonl > /dev/null || exit 1; \
-	done
+# The demo's stages, in the order of their dependencies (each runs every time the demo runs):
+# world -> SAE -> one fine-tuning run per method -> evaluation and one report per method.
+demo-run: demo-evaluate $(addprefix demo-report-,$(METHODS))
 	$(PY) interpret.py probes $(addprefix $(DEMO)/,$(METHODS)) --out $(DEMO)/probes.png
 	@echo; echo "== the comparison (top-1 %; CKA, FVU, feature preservation on the ID set vs zero-shot)"
 	@$(PY) report.py plot $(DEMO)/results.jsonl --out $(DEMO)/wise_ft.png
 	@echo "demo outputs in $(DEMO): results.jsonl, wise_ft.png, probes.png, report_*/report.md"
+
+demo-world:
+	$(RUN) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
+
+demo-sae: demo-world
+	rm -f $(DEMO)/results.jsonl $(DEMO)/interpret.jsonl
+	$(RUN) train_sae.py --model $(CLIP) --train-data $(WORLD)/data \
+	    --device cpu --workers 0 --seed $(SEED) $(SAE_FLAGS) --out $(DEMO)/sae --overwrite
+
+demo-finetune-%: demo-sae
+	$(RUN) finetune.py --model $(CLIP) --train-data $(WORLD)/data --sae $(DEMO)/sae \
+	    --reg $* $(if $(LAM_$*),--lam $(LAM_$*)) --device cpu --seed $(SEED) $(FT_FLAGS) \
+	    --out $(DEMO)/$* --overwrite
+
+demo-evaluate: $(addprefix demo-finetune-,$(METHODS))
+	$(RUN) evaluate.py --runs $(addprefix $(DEMO)/,$(METHODS)) \
+	    --wise-runs $(DEMO)/none --sae $(DEMO)/sae --sets $(SETS) --id-set test --device cpu \
+	    $(EVAL_FLAGS) --results $(DEMO)/results.jsonl --plot $(DEMO)/wise_ft.png > $(DEMO)/evaluate.log
+
+demo-report-%: demo-finetune-%
+	$(RUN) interpret.py report --run $(DEMO)/$* --sae $(DEMO)/sae \
+	    --data $(WORLD)/data --split test --device cpu $(REPORT_FLAGS) \
+	    --out $(DEMO)/report_$* --results $(DEMO)/interpret.jsonl > /dev/null
 
 # ---------------------------------------------------------------------------------------------
 # The ID–OOD frontier sweep (README: "When does SAE-FT beat L2?"): every method as a curve over
@@ -87,7 +100,7 @@ FRONTIER_CURVES ?= l2|--reg l2|100 300 1000 3000\nsae-preserve|--reg sae-preserv
 ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 3000 30000\npres-only|--reg sae-preserve --mu 0|300 3000 30000\nsae-sparse|--reg sae-sparse|300 3000 30000\nsae-preserve-remove|--reg sae-preserve-remove|300 3000 30000\nlam-mask-10|--reg sae-preserve --lam-mask 10|100 1000 10000
 
 frontier: .venv/installed
-	OMP_NUM_THREADS=$(THREADS) $(PY) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
+	$(RUN) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
 	OMP_NUM_THREADS=$(THREADS) WORLD=$(WORLD) OUT=$(FRONTIER) SEEDS="$(SEEDS)" PY=$(PY) \
 	    TAG=$(TAG) CURVES="$$(printf '$(FRONTIER_CURVES)')" SAE_FLAGS="$(SAE_FLAGS)" \
 	    FT_FLAGS="$(FT_FLAGS)" EVAL_FLAGS="$(EVAL_FLAGS)" bash scripts/frontier.sh
@@ -95,4 +108,6 @@ frontier: .venv/installed
 frontier-ablations: .venv/installed
 	$(MAKE) --no-print-directory frontier TAG=ablations FRONTIER_CURVES='$(ABLATION_CURVES)'
 
-.PHONY: install test demo demo-run frontier frontier-ablations
+# demo-finetune-% and demo-report-% are not listed: make applies no pattern rule to a phony
+# target. No file has their names, so they run every time all the same.
+.PHONY: install test demo demo-run demo-world demo-sae demo-evaluate frontier frontier-ablations

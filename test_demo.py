@@ -39,7 +39,8 @@ def world(tmp_path_factory):
 @needs_make
 def test_tiny_demo_end_to_end(world, tmp_path):
     demo = tmp_path / "demo"
-    cmd = ["make", "--no-print-directory", "demo-run", f"WORLD={world}", f"DEMO={demo}",
+    cmd = ["make", "--no-print-directory", "-j2", "--output-sync=target", "demo-run",
+           f"WORLD={world}", f"DEMO={demo}",
            *(f"{k}={v}" for k, v in TINY.items())]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -378,8 +378,23 @@ def dominance(table, a, b):
     return above, len(diffs), diffs, bool(diffs) and above == len(diffs)
 
 
-def frontier_report(table, levels):
-    """Markdown: OOD mean ± std at each matched ID level per curve, then each pair's order."""
+def paired_gaps(curves, a, b, levels):
+    """{level: (mean, std, n)} of OOD(a) − OOD(b) at each ID level, paired by seed (the same
+    seed's SAE and data order on both curves), over the seeds where both curves reach the level;
+    None where none does. The paired std is the one that says whether a gap is real."""
+    out = {}
+    for level in levels:
+        gaps = [ood_at(path, level) - ood_at(curves[b][seed], level)
+                for seed, path in curves[a].items() if seed in curves[b]
+                and ood_at(path, level) is not None and ood_at(curves[b][seed], level) is not None]
+        out[level] = ((statistics.mean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+                       len(gaps)) if gaps else None)
+    return out
+
+
+def frontier_report(table, levels, curves=None):
+    """Markdown: OOD mean ± std at each matched ID level per curve, then each pair's order (the
+    curve above first); with `curves`, each pair's gap at every level, paired by seed."""
     lines = ["| curve | " + " | ".join(f"OOD @ ID {lv:g}" for lv in levels) + " |",
              "|---" * (len(levels) + 1) + "|"]
     for name, row in table.items():
@@ -391,11 +406,18 @@ def frontier_report(table, levels):
     for j, a in enumerate(names):
         for b in names[j + 1:]:
             above, n, diffs, _ = dominance(table, a, b)
-            if n:
-                order = (f"{a} above {b}" if above == n else f"{b} above {a}" if above == 0
-                         else f"{a} and {b} cross")
-                lines.append(f"- {order} ({above}/{n} levels; {a} − {b}: "
-                             + ", ".join(f"{d:+.1f}" for d in diffs) + ")")
+            if not n:
+                continue
+            if above == 0:                                    # name the curve above first
+                a, b, above = b, a, n
+                diffs = [-d for d in diffs]
+            order = f"{a} above {b}" if above == n else f"{a} and {b} cross"
+            gaps = ", ".join(f"{d:+.1f}" for d in diffs)
+            if curves is not None:
+                gaps = ", ".join(f"{g[0]:+.1f} ± {g[1]:.1f}" for g in
+                                 paired_gaps(curves, a, b, levels).values() if g is not None)
+                gaps += ", paired by seed"
+            lines.append(f"- {order} ({above}/{n} levels; {a} − {b}: {gaps})")
     return "\n".join(lines)
 
 
@@ -478,7 +500,7 @@ def frontier_main(argv):
         except UserError as e:  # still write the points table and the figure
             print(f"warning: {e}", file=sys.stderr)
             levels = []
-    text = (frontier_report(matched_id(compared, levels), levels) + "\n\nEvery point "
+    text = (frontier_report(matched_id(compared, levels), levels, compared) + "\n\nEvery point "
             "(mean ± std over seeds; CKA, FVU, pres. on the ID set):\n\n" + points_table(records))
     print(text)
     _, id_name, ood = id_ood_points(records)

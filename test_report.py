@@ -41,7 +41,22 @@ def test_matched_id_mean_std_and_dominance():
     assert (above, n, dominates) == (3, 3, True) and diffs == pytest.approx([1, 1, 1])
     assert report.dominance(table, "b", "a")[3] is False
     text = report.frontier_report(table, levels)
-    assert "- a above b (3/3 levels" in text
+    assert "- a above b (3/3 levels; a − b: +1.0, +1.0, +1.0)" in text
+    # the curve above is named first, whichever order the table lists them in
+    swapped = report.frontier_report({"b": table["b"], "a": table["a"]}, levels)
+    assert "- a above b (3/3 levels; a − b: +1.0" in swapped
+
+
+def test_paired_gaps_pair_each_seed_with_itself():
+    # seed s of a is b's seed s raised by 1 + s: the paired gaps are 1, 2, 3 (mean 2, std 1),
+    # while the unpaired spread of each curve alone is larger
+    a = {s: [(0.0, 96.0, 84.0 + 1 + 2 * s), (math.inf, 90.0, 90.0 + 1 + 2 * s)] for s in range(3)}
+    b = {s: [(0.0, 96.0, 84.0 + s), (math.inf, 90.0, 90.0 + s)] for s in range(3)}
+    gaps = report.paired_gaps({"a": a, "b": b}, "a", "b", [92.0, 97.0])
+    assert gaps[92.0] == pytest.approx((2.0, 1.0, 3)) and gaps[97.0] is None  # 97: out of reach
+    curves = {"a": a, "b": b}
+    text = report.frontier_report(report.matched_id(curves, [92.0]), [92.0], curves)
+    assert "a − b: +2.0 ± 1.0, paired by seed" in text
 
 
 def test_default_levels_lie_in_the_range_every_curve_reaches():

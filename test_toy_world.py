@@ -231,3 +231,31 @@ def test_crowd_world_draws_the_label_large_among_other_classes():
     assert "world" not in tw.settings(args["marks"])
     assert tw.settings(args["crowd"])["world"] == "crowd"
     assert list(y_plain[:10]) == list(tw.draw_split(0, "train", 10, "photo", cue_rate=0.9)[1])
+
+
+def test_premise_shape_features_read_large_small_and_absent():
+    """scripts/world_premises.py: the caption tells which shapes an image holds small, and a
+    class's latent is read separately on images holding the class large, small and not at all."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    import world_premises as wp
+    _, y, captions = tw.draw_split(0, "test", 30, "photo", cue_rate=0.9,
+                                   distractors=tw.CROWD_DISTRACTORS)
+    large, small = wp.shape_masks(captions, y)
+    assert large.sum(1).tolist() == [1] * 30 and small.sum(1).tolist() == [2] * 30
+    assert not (large & small).any()
+    # a planted SAE code: latent c fires exactly where class c is large (c < 5), where it is
+    # small (c ≥ 5); latent 10 never fires
+    C = len(tw.CLASSES)
+    fires = torch.zeros(30, C + 1, dtype=torch.bool)
+    fires[:, :5], fires[:, 5:C] = large[:, :5], small[:, 5:]
+    out = wp.firing(fires, large, small, torch.arange(C))
+    for i, c in enumerate(tw.CLASSES):
+        rates = out["per_class"][c]
+        assert rates["fires_absent_%"] == 0.0
+        if small[:, i].any():
+            assert rates["fires_small_%"] == (0.0 if i < 5 else 100.0)
+        if large[:, i].any():
+            assert rates["fires_large_%"] == (100.0 if i < 5 else 0.0)
+    assert out["distinct_latents"] == C and out["fires_absent_%"] == 0.0
+    none = wp.firing(fires, large, small, torch.full((C,), C))       # the silent latent
+    assert none["fires_large_%"] == none["fires_small_%"] == 0.0

@@ -10,13 +10,15 @@ changing the encoder; and a probe of the spurious mark's colour on zero-shot fea
 the zero-shot model already encodes the shortcut. With --sae (a zero-shot SAE trained on the
 world, train_sae.py): whether the SAE has a feature for each shape. For each class, the latent
 whose decoder atom lies closest to the class name's text embedding ("a photo of a {name}."),
-that cosine, and how often the latent fires on `test` images whose large shape is the class,
-whose small shapes include it, and which do not hold it at all. Fine-tuning's own ID accuracy comes from
+and the latent that best detects the class as the large shape on `train`; for each, how often
+it fires on `test` images whose large shape is the class, whose small shapes include it, and
+which do not hold it at all. Fine-tuning's own ID accuracy comes from
 finetune.py + evaluate.py (README, "When does SAE-FT beat L2?").
 """
 import argparse
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -51,30 +53,50 @@ def probe(x_train, y_train, x_test, y_test, classes):
         return float(((10 * x_test @ W + b).argmax(1) == y_test).float().mean() * 100)
 
 
-def shape_features(model, sae, h, captions, labels):
-    """Premise (2): per class, the SAE latent nearest the class name's text embedding; its
-    atom-text cosine and its firing rate (%) on images holding the shape large / small / not."""
-    import re
-    with torch.no_grad():
-        text = model.encode_text(tw.tokenize([tw.ZS_TEMPLATE.format(c) for c in tw.CLASSES]),
-                                 normalize=True)                        # (C, d)
-        atoms = F.normalize(sae.W_dec.T, dim=-1)                        # (n, d)
-        cos, latent = (text @ atoms.T).max(1)                           # (C,)
-        fires = sae.encode(h)[:, latent] > 0                            # (N, C)
+def shape_masks(captions, labels):
+    """(large (N, C), small (N, C)) bool: which class is each image's large shape, and which
+    classes it holds as small shapes (read from the caption: "... with a small star and ...")."""
     small = torch.tensor([[c in re.findall(r"small (\w+)", t) for c in tw.CLASSES]
-                          for t in captions])                          # (N, C)
-    large = F.one_hot(torch.as_tensor(labels), len(tw.CLASSES)).bool()
+                          for t in captions], dtype=torch.bool)
+    return F.one_hot(torch.as_tensor(labels), len(tw.CLASSES)).bool(), small
+
+
+def firing(fires, large, small, latent):
+    """Firing rates (%) of each class's latent on images holding the class large / small / not
+    at all: per class, and over all classes (pairs of image and class)."""
+    fires = fires[:, latent]                                           # (N, C)
     groups = {"large": large, "small": small, "absent": ~(large | small)}
 
-    def rate(mask):                     # % of (image, class) pairs in mask whose latent fires
+    def rate(mask):                      # % of the (image, class) pairs in mask that fire
         return round(float(fires[mask].float().mean() * 100), 1)
     columns = torch.eye(len(tw.CLASSES), dtype=torch.bool)
-    per_class = {c: {"latent": int(latent[i]), "atom_text_cosine": round(float(cos[i]), 3),
+    per_class = {c: {"latent": int(latent[i]),
                      **{f"fires_{g}_%": rate(m & columns[i]) for g, m in groups.items()}}
                  for i, c in enumerate(tw.CLASSES)}
     return {"distinct_latents": len(set(latent.tolist())),
-            "mean_atom_text_cosine": round(float(cos.mean()), 3),
             **{f"fires_{g}_%": rate(m) for g, m in groups.items()}, "per_class": per_class}
+
+
+@torch.no_grad()
+def shape_features(model, sae, h_train, train, h_test, test):
+    """Premise (2): does the zero-shot SAE have a feature for each shape, and does it fire for
+    the shape drawn small too? Two ways to name a class's latent: (a) the latent whose atom
+    lies nearest the class name's text embedding ("a photo of a {name}."); (b) the latent that
+    best tells, on `train`, images whose large shape is the class from images without it
+    (largest gap in firing rate). Both are then read on `test`."""
+    text = model.encode_text(tw.tokenize([tw.ZS_TEMPLATE.format(c) for c in tw.CLASSES]),
+                             normalize=True)                            # (C, d)
+    cos, by_text = (text @ F.normalize(sae.W_dec.T, dim=-1).T).max(1)   # (C,)
+    large, small = shape_masks(train["caption"], train["label"])
+    fires = (sae.encode(h_train) > 0).float()                           # (N, n)
+    on_large = large.T.float() @ fires / large.sum(0, keepdim=True).T   # (C, n)
+    absent = (~(large | small)).T.float()
+    on_absent = absent @ fires / absent.sum(1, keepdim=True)
+    by_data = (on_large - on_absent).argmax(1)                          # (C,)
+    fires, (large, small) = sae.encode(h_test) > 0, shape_masks(test["caption"], test["label"])
+    return {"nearest_text": {"mean_atom_text_cosine": round(float(cos.mean()), 3),
+                             **firing(fires, large, small, by_text)},
+            "best_detector": firing(fires, large, small, by_data)}
 
 
 def main():
@@ -106,8 +128,9 @@ def main():
     if args.sae:
         from models import load_frozen_sae
         sae = load_frozen_sae(args.sae)[0]
-        out["sae_shape_features"] = shape_features(model, sae, embed(split["test"][0]),
-                                                   data["test"]["caption"], split["test"][1])
+        out["sae_shape_features"] = shape_features(model, sae, embed(split["train"][0]),
+                                                   data["train"], embed(split["test"][0]),
+                                                   data["test"])
     print(json.dumps(out, indent=1))
 
 

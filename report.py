@@ -403,13 +403,14 @@ def frontier_report(table, levels, curves=None):
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     names = list(table)
     lines.append("")
-    for j, a in enumerate(names):
-        for b in names[j + 1:]:
-            above, n, diffs, _ = dominance(table, a, b)
+    for j, first in enumerate(names):
+        for second in names[j + 1:]:
+            above, n, diffs, _ = dominance(table, first, second)
             if not n:
                 continue
+            a, b = first, second
             if above == 0:                                    # name the curve above first
-                a, b, above = b, a, n
+                a, b, above = second, first, n
                 diffs = [-d for d in diffs]
             order = f"{a} above {b}" if above == n else f"{a} and {b} cross"
             gaps = ", ".join(f"{d:+.1f}" for d in diffs)

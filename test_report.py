@@ -45,6 +45,12 @@ def test_matched_id_mean_std_and_dominance():
     # the curve above is named first, whichever order the table lists them in
     swapped = report.frontier_report({"b": table["b"], "a": table["a"]}, levels)
     assert "- a above b (3/3 levels; a − b: +1.0" in swapped
+    # three curves, the first below both others: every pair is listed exactly once
+    three = report.matched_id({"b": curves_shifted(0.0), "a": curves_shifted(1.0),
+                               "c": curves_shifted(2.0)}, levels)
+    pairs = [line for line in report.frontier_report(three, levels).splitlines()
+             if line.startswith("- ")]
+    assert sorted(p.split(" (")[0] for p in pairs) == ["- a above b", "- c above a", "- c above b"]
 
 
 def test_paired_gaps_pair_each_seed_with_itself():

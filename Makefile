@@ -22,9 +22,9 @@ test: .venv/installed
 
 # ---------------------------------------------------------------------------------------------
 # The demo. Override any variable: `make demo SEED=1 DEMO=runs/demo_seed1`. The toy world is
-# drawn once into $(WORLD) (cached; under a minute on 2 cores: its tiny CLIP ships pretrained in
-# toy_clip.safetensors); the rest takes a few minutes and is re-run every time. Fixed seeds: on
-# one machine with the same THREADS the same command prints the same table; elsewhere expect
+# drawn once into $(WORLD) (cached; 26 s on 2 cores: its tiny CLIP ships pretrained in
+# toy_clip.safetensors); the rest takes about 2 minutes and is re-run every time. Fixed seeds:
+# on one machine with the same THREADS the same command prints the same table; elsewhere expect
 # differences within the seed spread the README gives.
 WORLD       ?= toy_world
 WORLD_FLAGS ?=

@@ -448,8 +448,15 @@ def points_table(records):
 
 
 def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
-    """Mean curve over seeds per method (points matched by parameter), ± std as error bars."""
+    """Mean curve over seeds per method (points matched by parameter), ± std as error bars.
+
+    The view spans the zero-shot model and every point at or above its ID accuracy: a point
+    below it (a run that lost even the zero-shot accuracy, e.g. a collapsed one) would squeeze
+    every curve into a corner, so it is left out of the view and counted in a note (the table
+    lists it). Returns the number of points left out."""
     fig, ax = new_figure()
+    shown = [] if zero_shot is None else [zero_shot]
+    hidden = 0
     for name, by_seed in curves.items():
         params = sorted({p for path in by_seed.values() for p, _, _ in path})
         xs, ys, ex, ey = [], [], [], []
@@ -461,13 +468,26 @@ def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
             ey.append(statistics.stdev([o for _, o in pts]) if len(pts) > 1 else 0)
         style = "o" if name == "none" else ".-"
         ax.errorbar(xs, ys, xerr=ex, yerr=ey, fmt=style, capsize=2, label=name)
+        for x, y in zip(xs, ys):
+            if zero_shot is not None and x < zero_shot[0]:
+                hidden += 1
+            else:
+                shown.append((x, y))
     if zero_shot is not None:
         ax.scatter([zero_shot[0]], [zero_shot[1]], marker="*", s=220, c="k", zorder=3,
                    label="zero-shot")
+    if hidden:
+        (x0, x1), (y0, y1) = [(min(v), max(v)) for v in zip(*shown)]
+        pad_x, pad_y = 0.05 * (x1 - x0 or 1), 0.08 * (y1 - y0 or 1)
+        ax.set_xlim(x0 - pad_x, x1 + pad_x)
+        ax.set_ylim(y0 - pad_y, y1 + pad_y)
+        ax.text(0.99, 0.01, f"{hidden} point(s) below the zero-shot ID accuracy: off the plot, "
+                "in the table", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
     for lv in levels:
         ax.axvline(lv, color="grey", lw=0.5, ls=":")
     finish_figure(fig, ax, out, id_name, ood_names,
                   "ID–OOD frontiers (mean ± std over seeds; dotted: matched ID levels)")
+    return hidden
 
 
 def frontier_main(argv):

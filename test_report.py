@@ -121,3 +121,28 @@ def test_frontier_command_writes_table_and_figure(tmp_path, capsys):
     # l2 at ID 91: between (92, 89.5) and (90, 90): 89.75; at 94: between (95, 86) and (92, 89.5)
     assert "89.8 ± 0.0 (n=3)" in out and f"{86 + 3.5 / 3:.1f} ± 0.0 (n=3)" in out
     assert (tmp_path / "f.md").read_text().startswith("| curve |")
+
+
+def test_frontier_plot_leaves_collapsed_points_out_of_view(tmp_path):
+    """A run below the zero-shot ID accuracy (a collapse) is counted, not drawn into the view."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    zero_shot = (55.0, 49.0)
+    curves = {"good": {0: [(0.0, 98.0, 80.0), (1.0, 80.0, 64.0), (math.inf, *zero_shot)]},
+              "collapsing": {0: [(0.0, 98.0, 80.0), (10.0, 15.0, 13.0), (math.inf, *zero_shot)]}}
+    seen = {}
+    real_savefig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):                      # read the axes' limits as they are saved
+        seen["xlim"] = fig.axes[0].get_xlim()
+        return real_savefig(fig, *a, **k)
+    plt.Figure.savefig = spy
+    try:
+        hidden = report.frontier_plot(zero_shot, curves, [70.0], tmp_path / "f.png")
+        assert hidden == 1 and (tmp_path / "f.png").is_file()
+        assert seen["xlim"][0] > 15.0 and seen["xlim"][0] < 55.0 < 98.0 < seen["xlim"][1]
+        assert report.frontier_plot(zero_shot, {"good": curves["good"]}, [70.0],
+                                    tmp_path / "g.png") == 0
+    finally:
+        plt.Figure.savefig = real_savefig

@@ -494,9 +494,11 @@ def frontier_main(argv):
     p = argparse.ArgumentParser(prog="report.py frontier", description="Each method as an "
                                 "ID–OOD curve over λ (or α), read at matched ID levels: a "
                                 "Markdown table of OOD mean ± std over seeds, which curve lies "
-                                "above which, and the figure.", formatter_class=runs.HelpFormatter)
+                                "above which (each pair's gap paired by seed, mean ± std), "
+                                "every point with CKA / FVU / feature overlap, and the figure.", formatter_class=runs.HelpFormatter)
     p.add_argument("results", nargs="+", help="results JSONL files of the sweep's runs (any "
-                   "split into files; the seed is read from each run's config)")
+                   "split into files; the seed is read from each run's config; a run found in "
+                   "several files counts once)")
     p.add_argument("--levels", default=None, help="comma-separated ID levels (%%) at which to "
                    "compare (default: 4 spread over the ID range every curve reaches)")
     p.add_argument("--out", default="frontier.png", help="PNG of the curves")

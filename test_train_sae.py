@@ -117,6 +117,23 @@ def test_under_trained_run_warns():
     assert "WARNING" in log and "under-trained" in log
 
 
+def test_a_run_worse_than_the_mean_warns_and_is_not_converged():
+    """A held-out FVU ≥ 1 (e.g. a too high lr on a tiny budget) is never judged converged,
+    even when its FVU curve is flat at the end."""
+    from train_sae import convergence_report
+    flat = [{"step": s, "fvu": f, "cos": 0.1, "l0": 4, "dead_fraction": 0.5,
+             "dead_fraction_train": 0.5} for s, f in ((0, 0.9), (10, 2000.0), (20, 2000.0),
+                                                     (30, 2000.0), (40, 2000.0))]
+    logs = []
+    r = convergence_report(flat, 40, 0, 2e-3, 0.05, echo=logs.append)
+    assert r["converged"] is False and r["fvu"] == 2000.0
+    assert "WARNING" in logs[0] and "--lr" in logs[0] and "0.0002" in logs[0]
+    ok = [dict(h, fvu=f) for h, f in zip(flat, (0.9, 0.3, 0.2, 0.2, 0.2))]
+    logs = []
+    assert convergence_report(ok, 40, 0, 2e-3, 0.05, echo=logs.append)["converged"] is True
+    assert not any("WARNING" in line for line in logs)
+
+
 def test_held_out_report_is_defined_for_one_embedding():
     from train_sae import held_out_report
     torch.manual_seed(0)

@@ -10,8 +10,9 @@ fine-tuning inside that dictionary and stage 3 (evaluate.py) measures drift with
        at an lr set by the planned number of steps (default_lr), warm-up and a final decay;
     3. evaluate held-out FVU, L0, dead fraction, mean cos(x, x̃) before training and every
        epoch (printed, and logged to <out>/train_log.jsonl); warn at the end when the held-out
-       FVU was still falling (probably under-trained); save safetensors + JSON config with the
-       final metrics and the verdict (also <out>/metrics.json).
+       FVU was still falling (probably under-trained) or ends ≥ 1 (worse than the mean: lr too
+       high); save safetensors + JSON config with the final metrics and the verdict (also
+       <out>/metrics.json).
 
 Tiny CPU run (the built-in toy world; `make demo` builds it):
     python train_sae.py --model local-dir:toy_world/clip --train-data toy_world/data \
@@ -300,13 +301,18 @@ def fit(sae, h_train, h_val, args, log_path=None, echo=print):
 
 def convergence_report(history, total, decay, lr, tol, echo=print):
     """The last evaluation's metrics, the late gain (see late_gain) and the verdict; warns when
-    the run is probably under-trained."""
+    the run is probably under-trained, or when it diverged (held-out FVU ≥ 1)."""
     report = {k: history[-1][k] for k in ("step", "fvu", "cos", "l0", "dead_fraction",
                                            "dead_fraction_train")}
     report["late_gain"] = gain = late_gain(history, total, decay)
     report["converged"] = None if gain is None else gain <= tol
     report["lr"] = lr
-    if gain is None:
+    if report["fvu"] >= 1:             # worse than reconstructing every embedding as the mean
+        report["converged"] = False
+        echo(f"WARNING: the SAE reconstructs the held-out embeddings worse than their mean "
+             f"(FVU {report['fvu']:.3g} ≥ 1): the lr {lr:.3g} is too high for this data and "
+             f"budget; pass a smaller --lr (e.g. {lr / 10:.2g})")
+    elif gain is None:
         echo("note: too few held-out evaluations to check convergence (pass --eval-every)")
     elif gain <= tol:
         echo(f"converged: {100 * gain:.1f}% of the held-out FVU's drop came in the last fifth "

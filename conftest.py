@@ -77,6 +77,16 @@ def write_tiny_clip(path, seed=0):
     return write_tiny_model(path, TINY_CLIP_CFG, seed)
 
 
+def write_tiny_sae(path, clip_dir, n=256, k=8, seed=0):
+    """A random Top-k SAE (d = 64, n latents) saved as trained for the tiny CLIP at clip_dir:
+    random atoms are enough to exercise every term. Returns path."""
+    from sae import TopKSAE
+    torch.manual_seed(seed)
+    TopKSAE(64, n, k).save(path, {"model": f"local-dir:{clip_dir}", "pretrained": None,
+                                  "force_quick_gelu": False})
+    return path
+
+
 def shape_image(label, rng, size=32):
     """A PIL image of class `label` (SHAPE_CLASSES): a coloured shape, random size/position,
     on a noisy grey background."""

@@ -344,6 +344,13 @@ def ood_at(path, level):
     return max(found) if found else None
 
 
+def mean_std_n(vals):
+    """(mean, sample std, n) of a list of numbers (std 0 for one value); None for none."""
+    if not vals:
+        return None
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals)
+
+
 def matched_id(curves, levels):
     """{curve: {level: (mean, std, n seeds)}}: each seed's curve read at each ID level, then mean
     and sample std over the seeds that reach it (std 0 for one seed; None where none does)."""
@@ -351,9 +358,8 @@ def matched_id(curves, levels):
     for name, by_seed in curves.items():
         row = {}
         for level in levels:
-            vals = [v for v in (ood_at(path, level) for path in by_seed.values()) if v is not None]
-            row[level] = ((statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1
-                           else 0.0, len(vals)) if vals else None)
+            row[level] = mean_std_n([v for v in (ood_at(path, level) for path in by_seed.values())
+                                     if v is not None])
         out[name] = row
     return out
 
@@ -384,11 +390,10 @@ def paired_gaps(curves, a, b, levels):
     None where none does. The paired std is the one that says whether a gap is real."""
     out = {}
     for level in levels:
-        gaps = [ood_at(path, level) - ood_at(curves[b][seed], level)
-                for seed, path in curves[a].items() if seed in curves[b]
-                and ood_at(path, level) is not None and ood_at(curves[b][seed], level) is not None]
-        out[level] = ((statistics.mean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
-                       len(gaps)) if gaps else None)
+        pairs = [(ood_at(path, level), ood_at(curves[b][seed], level))
+                 for seed, path in curves[a].items() if seed in curves[b]]
+        out[level] = mean_std_n([oa - ob for oa, ob in pairs
+                                 if oa is not None and ob is not None])
     return out
 
 
@@ -413,8 +418,9 @@ def frontier_report(table, levels, curves=None):
                 a, b, above = second, first, n
                 diffs = [-d for d in diffs]
             order = f"{a} above {b}" if above == n else f"{a} and {b} cross"
-            gaps = ", ".join(f"{d:+.1f}" for d in diffs)
-            if curves is not None:
+            if curves is None:
+                gaps = ", ".join(f"{d:+.1f}" for d in diffs)
+            else:
                 gaps = ", ".join(f"{g[0]:+.1f} ± {g[1]:.1f}" for g in
                                  paired_gaps(curves, a, b, levels).values() if g is not None)
                 gaps += ", paired by seed"
@@ -495,7 +501,8 @@ def frontier_main(argv):
                                 "ID–OOD curve over λ (or α), read at matched ID levels: a "
                                 "Markdown table of OOD mean ± std over seeds, which curve lies "
                                 "above which (each pair's gap paired by seed, mean ± std), "
-                                "every point with CKA / FVU / feature overlap, and the figure.", formatter_class=runs.HelpFormatter)
+                                "every point with CKA / FVU / feature overlap, and the figure.",
+                                formatter_class=runs.HelpFormatter)
     p.add_argument("results", nargs="+", help="results JSONL files of the sweep's runs (any "
                    "split into files; the seed is read from each run's config; a run found in "
                    "several files counts once)")

@@ -26,7 +26,7 @@ import evaluate
 import finetune
 import runs
 import train_sae
-from sae import TopKSAE
+from conftest import write_tiny_sae
 
 HERE = Path(__file__).parent
 LR = 1e-3
@@ -63,9 +63,7 @@ def read_jsonl(path):
 @pytest.fixture(scope="module")
 def paths(tiny_clip_dir, tiny_image_dataset, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
-    torch.manual_seed(0)
-    TopKSAE(64, 256, 8).save(tmp / "sae", {"model": f"local-dir:{tiny_clip_dir}",
-                                           "pretrained": None, "force_quick_gelu": False})
+    write_tiny_sae(tmp / "sae", tiny_clip_dir)
     return {"tmp": tmp, "clip": tiny_clip_dir, "data": tiny_image_dataset, "sae": tmp / "sae"}
 
 

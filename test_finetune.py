@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import data
 import finetune
 import models
-from conftest import refused
+from conftest import refused, write_tiny_sae
 from sae import TopKSAE
 
 HERE = Path(__file__).parent
@@ -41,11 +41,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def sae_dir(tiny_clip_dir, tmp_path_factory):
     """A frozen SAE for the tiny model (random atoms are enough to exercise every term)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sae")
-    TopKSAE(64, 256, 8).save(path, {"model": f"local-dir:{tiny_clip_dir}", "pretrained": None,
-                                    "force_quick_gelu": False})
-    return str(path)
+    return str(write_tiny_sae(tmp_path_factory.mktemp("sae"), tiny_clip_dir))
 
 
 @pytest.fixture

@@ -255,6 +255,17 @@ def reg_and_grad(fn, h):
     return value.detach(), h.grad
 
 
+def assert_raw_equals_authors(name, sae, h, h0, encode, w, rel, rtol, atol):
+    """space="raw" with weights w: the same loss (to rel) and gradient (rtol, atol) as the
+    authors' objective for regulariser `name` with encoder `encode`; the loss not zero."""
+    ours, g_ours = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw", **w)["reg"], h)
+    ref, g_ref = reg_and_grad(lambda x: authors_objective(AUTHORS_REG[name], x, h0, encode,
+                                                          sae.W_dec.detach(),
+                                                          sae.b_dec.detach(), w), h)
+    assert ours.item() == pytest.approx(ref.item(), rel=rel) and ref.item() > 0
+    torch.testing.assert_close(g_ours, g_ref, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("name", list(AUTHORS_REG))
 def test_raw_space_equals_the_authors_objective(name):
     """An SAE of the authors' family (b_enc = 0; every row's top-k pre-activations positive, so
@@ -265,14 +276,9 @@ def test_raw_space_equals_the_authors_objective(name):
     h, h0 = clip_scale_pair(6, 24, seed=4)
     for v in (h, h0):                             # the precondition that makes them one family
         assert ((v - sae.b_dec) @ sae.W_enc.T).topk(5, dim=-1).values.min() > 0
-    w = L.AUTHORS_WEIGHTS
     encode = lambda x: authors_topk((x - sae.b_dec) @ sae.W_enc.detach().T, sae.k)  # noqa: E731
-    ours, g_ours = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw", **w)["reg"], h)
-    ref, g_ref = reg_and_grad(lambda x: authors_objective(AUTHORS_REG[name], x, h0, encode,
-                                                          sae.W_dec.detach(),
-                                                          sae.b_dec.detach(), w), h)
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-12) and ref.item() > 0
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-10, atol=1e-14)
+    assert_raw_equals_authors(name, sae, h, h0, encode, L.AUTHORS_WEIGHTS,
+                              rel=1e-12, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["sae-sparse", "sae-preserve", "sae-preserve-remove"])
@@ -298,13 +304,8 @@ def test_raw_space_applies_our_encoder_as_the_authors_apply_theirs(name):
         pre_t = (x - sae.b_dec.detach()) @ sae.W_enc.detach().T + sae.b_enc.detach()
         return torch.where(keep, pre_t, torch.zeros_like(pre_t))
 
-    w = dict(L.AUTHORS_WEIGHTS, lam_l1=0.3)
-    ours, g_ours = reg_and_grad(lambda x: L.regulariser(name, x, h0, sae, space="raw", **w)["reg"], h)
-    ref, g_ref = reg_and_grad(lambda x: authors_objective(AUTHORS_REG[name], x, h0, naive_raw,
-                                                          sae.W_dec.detach(),
-                                                          sae.b_dec.detach(), w), h)
-    assert ours.item() == pytest.approx(ref.item(), rel=1e-10) and ref.item() > 0
-    torch.testing.assert_close(g_ours, g_ref, rtol=1e-9, atol=1e-12)
+    assert_raw_equals_authors(name, sae, h, h0, naive_raw, dict(L.AUTHORS_WEIGHTS, lam_l1=0.3),
+                              rel=1e-10, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(AUTHORS_REG))

@@ -26,8 +26,7 @@ import interpret
 import models
 import runs
 import train_sae
-from conftest import refused
-from sae import TopKSAE
+from conftest import refused, write_tiny_sae
 
 HERE = Path(__file__).parent
 # A device this machine does not have: cuda without a GPU, else one index past the last GPU.
@@ -40,11 +39,7 @@ NO_SUCH_GPU = (f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() 
 
 @pytest.fixture(scope="module")
 def sae_dir(tiny_clip_dir, tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sae")
-    TopKSAE(64, 128, 4).save(path, {"model": f"local-dir:{tiny_clip_dir}", "pretrained": None,
-                                    "force_quick_gelu": False})
-    return path
+    return write_tiny_sae(tmp_path_factory.mktemp("sae"), tiny_clip_dir, n=128, k=4)
 
 
 @pytest.fixture(scope="module")

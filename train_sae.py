@@ -305,10 +305,10 @@ def convergence_report(history, total, decay, lr, tol, echo=print):
     report = {k: history[-1][k] for k in ("step", "fvu", "cos", "l0", "dead_fraction",
                                            "dead_fraction_train")}
     report["late_gain"] = gain = late_gain(history, total, decay)
-    report["converged"] = None if gain is None else gain <= tol
+    diverged = report["fvu"] >= 1      # worse than reconstructing every embedding as the mean
+    report["converged"] = False if diverged else None if gain is None else gain <= tol
     report["lr"] = lr
-    if report["fvu"] >= 1:             # worse than reconstructing every embedding as the mean
-        report["converged"] = False
+    if diverged:
         echo(f"WARNING: the SAE reconstructs the held-out embeddings worse than their mean "
              f"(FVU {report['fvu']:.3g} ≥ 1): the lr {lr:.3g} is too high for this data and "
              f"budget; pass a smaller --lr (e.g. {lr / 10:.2g})")

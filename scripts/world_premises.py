@@ -117,8 +117,8 @@ def main():
     split = {name: arrays(data[name]) for name in data}
     out = {f"zero_shot_{name}": round(float(tw.zero_shot_accuracy(model, *split[name])), 2)
            for name in split}
-    out["linear_probe_test"] = round(probe(embed(split["train"][0]), split["train"][1],
-                                           embed(split["test"][0]), split["test"][1],
+    h_train, h_test = embed(split["train"][0]), embed(split["test"][0])
+    out["linear_probe_test"] = round(probe(h_train, split["train"][1], h_test, split["test"][1],
                                            len(tw.CLASSES)), 2)
     x = split["ood_nocue"][0]
     marks, h = np.array([tw.read_mark(im) for im in x]), embed(x)
@@ -128,8 +128,7 @@ def main():
     if args.sae:
         from models import load_frozen_sae
         sae = load_frozen_sae(args.sae)[0]
-        out["sae_shape_features"] = shape_features(model, sae, embed(split["train"][0]),
-                                                   data["train"], embed(split["test"][0]),
+        out["sae_shape_features"] = shape_features(model, sae, h_train, data["train"], h_test,
                                                    data["test"])
     print(json.dumps(out, indent=1))
 

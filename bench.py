@@ -85,7 +85,7 @@ MODEL_CFGS = {
 # The regulariser weights finetune.py uses by default (they do not change the cost).
 REG_WEIGHTS = losses.WEIGHTS                        # finetune.py's defaults
 PHASES = ("forward", "frozen_forward", "loss", "backward", "optimiser")   # of one step
-# Issue 6's targets: (name, key into the ratios/derived numbers, threshold, "le"|"ge").
+# The cost targets: (name, key into the ratios/derived numbers, threshold, "le"|"ge").
 TARGETS = [
     ("sae-preserve / l2 step", "sae-preserve/l2", 1.05, "le"),
     ("sae-preserve / none step", "sae-preserve/none", 1.40, "le"),

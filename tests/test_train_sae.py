@@ -1,18 +1,20 @@
 """End-to-end tests of stage 1 (train_sae.py) through its command line, on a tiny random
 open_clip model and generated images (fixtures in conftest.py)."""
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from sae import TopKSAE
 
 
 def run(*args, cwd=None):
-    return subprocess.run([sys.executable, "train_sae.py", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train_sae.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
 
 
 def base_args(clip, data, tmp_path, out="sae"):
@@ -154,7 +156,7 @@ def test_bench_sae_without_sae_lens_is_one_line_error():
     import importlib.util
     if importlib.util.find_spec("sae_lens") is not None:
         pytest.skip("sae-lens is installed here")
-    r = subprocess.run([sys.executable, "bench_sae.py", "--saelens", "--d", "8", "--atoms", "8",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench_sae.py"), "--saelens", "--d", "8", "--atoms", "8",
                         "--active", "2", "--k", "2"], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]

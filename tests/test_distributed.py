@@ -28,7 +28,7 @@ import runs
 import train_sae
 from conftest import write_tiny_sae
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 LR = 1e-3
 
 

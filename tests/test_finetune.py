@@ -22,7 +22,7 @@ import models
 from conftest import refused, write_tiny_sae
 from sae import TopKSAE
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 # 64 train images, micro-batch 8: 8 optimiser steps per epoch; 1-step warm-up so weights move.
 TINY = ["--batch-size", "8", "--accum-steps", "1", "--epochs", "1", "--lr", "1e-3",
         "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--probe-size", "8"]

@@ -12,7 +12,7 @@ import pytest
 
 import runs
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 class Clock:

@@ -23,7 +23,7 @@ import models
 from conftest import refused
 from sae import TopKSAE
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["zero", "one", "two", "three"]
 

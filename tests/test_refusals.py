@@ -28,7 +28,7 @@ import runs
 import train_sae
 from conftest import refused, write_tiny_sae
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 # A device this machine does not have: cuda without a GPU, else one index past the last GPU.
 NO_SUCH_GPU = (f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda")
 

@@ -25,7 +25,7 @@ import models
 import runs
 from sae import TopKSAE
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

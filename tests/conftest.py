@@ -13,7 +13,12 @@ the scripts the tests start, which inherit the environment).
 """
 import json
 import os
+import sys
 import tempfile
+
+# The stage modules live one folder up, at the repository root (tests import them by name).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"

@@ -17,7 +17,7 @@ import torch
 
 import toy_world as tw
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 SPLITS = {"train", "test", "ood_nocue", "ood_sketch", "ood_pattern"}
 
 
@@ -236,7 +236,7 @@ def test_crowd_world_draws_the_label_large_among_other_classes():
 def test_premise_shape_features_read_large_small_and_absent():
     """scripts/world_premises.py: the caption tells which shapes an image holds small, and a
     class's latent is read separately on images holding the class large, small and not at all."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+    sys.path.insert(0, os.path.join(HERE, "scripts"))
     import world_premises as wp
     _, y, captions = tw.draw_split(0, "test", 30, "photo", cue_rate=0.9,
                                    distractors=tw.CROWD_DISTRACTORS)

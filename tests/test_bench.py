@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the repository root
 TINY = ["--model", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
         "--mem-steps", "2", "--sae-d", "32", "--sae-batch-size", "64", "--sae-steps", "2",
         "--extract-images", "8", "--extract-batch-size", "4", "--workers", "0",

@@ -19,13 +19,14 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     read_run, Run                      a finetune.py output folder and what its config says
     dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
     gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
-    Progress, progress                 a bar with an ETA on a terminal, plain lines in a log
+    Progress, progress                 a tqdm bar on a terminal, plain periodic lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
 the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
 """
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -42,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import tqdm
 
 WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"   # a fine-tuned model (models.py)
 CHECKPOINT = "checkpoint.pt"
@@ -575,67 +577,73 @@ def lost_contact(e):
 
 
 # ============================================================================================
-# Progress: a bar with an ETA on a terminal, plain periodic lines in a log
+# Progress: a tqdm bar with an ETA on a terminal, plain periodic lines in a log
 # ============================================================================================
 
 class Progress:
-    """Progress of a loop of known length, with its ETA (remaining = elapsed / done × left).
+    """Progress of a loop of known length, with its ETA.
 
-    On a terminal (`stream` is a tty): one line, redrawn in place at most every `redraw` s,
-        pretrain  42% [########------------] 980/2343 step | 3:10 < 4:24, 5.2 step/s | loss 1.234
-    and lines printed to stdout meanwhile go above it. Anywhere else (a log file, CI): a plain
-    line at most every `every` s, and the final count at the end if any was printed — short
-    loops print nothing, and no line holds a carriage return:
-        pretrain: 980/2343 step (42%) | 3:10 elapsed, ETA 4:24, 5.2 step/s | loss 1.234
+    On a terminal (`stream` is a tty): a tqdm bar, redrawn in place at most every `redraw` s,
+        fine-tune:  42%|████▏     | 980/2343 [03:10<04:24, 5.15step/s, loss 1.234]
+    and lines printed to stdout meanwhile go above it (through tqdm.write). Anywhere else (a
+    log file, CI): a plain line at most every `every` s, and the final count at the end if any
+    was printed — short loops print nothing, and no line holds a carriage return (tqdm's
+    redraws would fill a log with them):
+        fine-tune: 980/2343 step (42%) | 3:10 elapsed, ETA 4:24, 5.2 step/s | loss 1.234
     A bar opened while another is up stays silent (the outer one carries the ETA); TQDM_DISABLE=1
-    (tqdm's own switch) silences all of them. `start`: steps already done (a resumed run), not
-    counted in the rate.
+    (tqdm's own switch) silences all of them. `start`: steps already done (a resumed run: tqdm's
+    `initial`), not counted in the rate. `clock` drives the plain lines (tests pass a fake one).
     """
     active = None                                      # the bar on screen (one at a time)
 
     def __init__(self, total, desc, unit="it", start=0, leave=True, stream=None, every=30.0,
                  redraw=0.2, clock=time.monotonic):
         self.total = None if total is None else max(int(total), 0)  # None: unknown length
-        self.desc, self.unit, self.leave = desc, unit, leave
+        self.desc, self.unit = desc, unit
         self.n = self.start = start
         self.info = ""
         self.stream = stream or sys.stderr
-        self.clock = clock
+        self.clock, self.every = clock, every
         self.t0 = self.last = clock()
-        self.shown, self.shown_n = False, None         # a line printed / bar drawn, at count
+        self.shown_n = None                            # the count of the last plain line
         self.silent = (Progress.active is not None
                        or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"))
-        self.tty = (not self.silent and _isatty(self.stream)
-                    and os.environ.get("TERM") != "dumb")
-        self.every = redraw if self.tty else every
-        self._stdout = None
-        if not self.silent:
-            Progress.active = self
-            if self.tty and _isatty(sys.stdout):       # keep print() lines off the bar
-                self._stdout, sys.stdout = sys.stdout, _AboveBar(sys.stdout, self)
-            if self.tty:
-                self._show()
+        self.bar, self._stdout = None, None
+        if self.silent:
+            return
+        Progress.active = self
+        if _isatty(self.stream) and os.environ.get("TERM") != "dumb":
+            self.bar = tqdm.tqdm(total=self.total, desc=desc, unit=unit, initial=start,
+                                 leave=leave, file=self.stream, mininterval=redraw,
+                                 disable=False, **_width(self.stream))
+            if _isatty(sys.stdout):                    # print() lines go above the bar
+                self._stdout, sys.stdout = sys.stdout, _AboveBar(sys.stdout, self.stream)
 
     def update(self, n=1, info=None):
         """Count n more steps done; `info` (e.g. "loss 1.234") is shown after the ETA."""
         self.n += n
         if info is not None:
             self.info = info
-        if not self.silent and self.clock() - self.last >= self.every:
-            self._show()
+        if self.bar is not None:
+            if info is not None:
+                self.bar.set_postfix_str(info, refresh=False)
+            self.bar.update(n)
+        elif not self.silent and self.clock() - self.last >= self.every:
+            self._print_line()
 
     def close(self):
-        """The final state: the bar's last draw (then a newline, or cleared if not leave), or
+        """The final state: the bar's last draw (left on screen, or cleared if not leave), or
         the last plain line if any was printed."""
         if self.silent or Progress.active is not self:
             return
-        if self.tty:
-            self._show()
-            self.stream.write("\n" if self.leave else "\r\033[K")
-        elif self.shown and self.n != self.shown_n:    # the last count, unless just printed
-            self._show()
+        if self.bar is not None:
+            self.bar.close()
+        elif self.shown_n is not None and self.n != self.shown_n:   # unless just printed
+            self._print_line()
         self.stream.flush()
         if self._stdout is not None:
+            if isinstance(sys.stdout, _AboveBar):
+                sys.stdout.release()
             sys.stdout = self._stdout
         Progress.active = None
 
@@ -646,7 +654,7 @@ class Progress:
         self.close()
 
     def line(self):
-        """The text of the bar (terminal) or of one plain line, from the counts and the clock."""
+        """One plain line (a log), from the counts and the clock."""
         elapsed = self.clock() - self.t0
         done, total = self.n - self.start, self.total
         rate = done / elapsed if elapsed > 0 else 0.0
@@ -654,32 +662,16 @@ class Progress:
             f"{1 / rate:.1f} s/{self.unit}"
         info = f" | {self.info}" if self.info else ""
         if total is None:                              # no length, no ETA: count and rate
-            return (f"{self.desc}{' ' if self.tty else ': '}{self.n} {self.unit} | "
-                    f"{_clock(elapsed)}, {speed}{info}")
+            return f"{self.desc}: {self.n} {self.unit} | {_clock(elapsed)}, {speed}{info}"
         eta = (total - self.n) / rate if rate > 0 and total >= self.n else None
         frac = min(self.n / total, 1.0) if total else 1.0
-        if self.tty:
-            full = int(20 * frac)
-            return (f"{self.desc} {100 * frac:3.0f}% [{'#' * full}{'-' * (20 - full)}] "
-                    f"{self.n}/{total} {self.unit} | {_clock(elapsed)} < {_clock(eta)}, "
-                    f"{speed}{info}")
         return (f"{self.desc}: {self.n}/{total} {self.unit} ({100 * frac:.0f}%) | "
                 f"{_clock(elapsed)} elapsed, ETA {_clock(eta)}, {speed}{info}")
 
-    def _show(self):
-        self.last, self.shown, self.shown_n = self.clock(), True, self.n
-        if self.tty:
-            self.stream.write("\r" + self.line() + "\033[K")
-        else:
-            self.stream.write(self.line() + "\n")
+    def _print_line(self):
+        self.last, self.shown_n = self.clock(), self.n
+        self.stream.write(self.line() + "\n")
         self.stream.flush()
-
-    def _clear(self):
-        """Wipe the bar off its line (before a print), to be redrawn below the printed text."""
-        if self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = False
 
 
 def progress(iterable, desc, total=None, unit="it", **kw):
@@ -700,21 +692,43 @@ def end_progress():
 
 
 class _AboveBar:
-    """sys.stdout while a terminal bar is up: each printed line goes above the bar."""
+    """sys.stdout while a terminal bar is up: each printed line goes above the bar, the way
+    tqdm.write prints (external_write_mode wipes the bars drawn on `bar_stream`, the line is
+    written, the bars are redrawn below it). tqdm.write itself would not wipe a bar drawn on
+    stderr while printing to stdout."""
 
-    def __init__(self, out, bar):
-        self._out, self._bar = out, bar
+    def __init__(self, out, bar_stream):
+        self._out, self._bar_stream, self._pending = out, bar_stream, ""
 
     def write(self, text):
-        self._bar._clear()
-        n = self._out.write(text)
-        if text.endswith("\n"):
-            self._out.flush()
-            self._bar._show()
-        return n
+        lines, _, self._pending = (self._pending + text).rpartition("\n")
+        if _:
+            with tqdm.tqdm.external_write_mode(file=self._bar_stream):
+                self._out.write(lines + "\n")
+                self._out.flush()
+        return len(text)
+
+    def flush(self):                        # a partial line waits for its end (or close)
+        self._out.flush()
+
+    def release(self):
+        """Stop: write out a partial line left pending; returns the stream it wrapped."""
+        self._out.write(self._pending)
+        self._out.flush()
+        return self._out
 
     def __getattr__(self, name):
         return getattr(self._out, name)
+
+
+def _width(stream):
+    """tqdm's size: follow the terminal's, unless it reports none (a bare pseudo-terminal says
+    0 × 0, where tqdm would hide the bar): then 80 columns, 24 rows."""
+    try:
+        known = os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        known = False
+    return {"dynamic_ncols": True} if known else {"ncols": 80, "nrows": 24}
 
 
 def _isatty(stream):

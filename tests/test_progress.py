@@ -1,6 +1,7 @@
-"""Tests of runs.Progress: a bar with an ETA on a terminal, plain periodic lines anywhere else.
+"""Tests of runs.Progress: a tqdm bar with an ETA on a terminal, plain periodic lines anywhere
+else (a log file: no carriage return).
 
-Run: .venv/bin/python -m pytest -q test_progress.py
+Run: .venv/bin/python -m pytest -q tests/test_progress.py
 """
 import io
 import os
@@ -71,41 +72,55 @@ def test_unknown_length_counts_without_eta():
                                            "read: 4 batch | 0:04, 1.0 batch/s"]  # not twice
 
 
-def test_terminal_gets_one_line_redrawn_in_place():
-    out, clock = Terminal(), Clock()
-    with runs.Progress(4, "fine-tune", unit="step", stream=out, redraw=0.5, clock=clock) as bar:
+def draws(text):
+    """The bar's successive draws on a terminal (tqdm redraws in place after a \\r)."""
+    return [d for d in text.rstrip("\n").split("\r") if d.strip()]
+
+
+def test_terminal_gets_a_tqdm_bar_redrawn_in_place_with_eta():
+    out = Terminal()
+    with runs.Progress(4, "fine-tune", unit="step", stream=out, redraw=0) as bar:
         for _ in range(4):
-            clock.t += 1
-            bar.update()
+            bar.update(info="loss 1.5")
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n")       # one line, left on screen
-    draws = [d for d in text.rstrip("\n").split("\r") if d]
-    assert len(draws) == 6                                      # start, 4 updates, close
-    assert draws[0].startswith("fine-tune   0% [--------------------] 0/4 step | 0:00 < ?")
-    assert draws[2].startswith("fine-tune  50% [##########----------] 2/4 step | 0:02 < 0:02, "
-                               "1.0 step/s")
-    assert draws[-1].startswith("fine-tune 100% [####################] 4/4 step | 0:04 < 0:00")
-    assert all(d.endswith("\033[K") for d in draws)            # each draw wipes the old tail
+    shown = draws(text)
+    assert shown[0].startswith("fine-tune:   0%|") and "0/4 [00:00<?, ?step/s]" in shown[0]
+    assert " 2/4 [" in shown[2] and "step/s, loss 1.5]" in shown[2]
+    # elapsed<remaining: the ETA, counted down to 0 at the end
+    assert shown[-1].startswith("fine-tune: 100%|") and "4/4 [00:00<00:00, " in shown[-1]
+
+
+def test_terminal_bar_of_a_resumed_run_starts_at_its_step():
+    out = Terminal()
+    with runs.Progress(10, "fine-tune", unit="step", start=6, stream=out, redraw=0) as bar:
+        bar.update()
+    shown = draws(out.getvalue())
+    assert " 6/10 [" in shown[0] and " 7/10 [" in shown[-1]   # tqdm's `initial`
+    assert not any(" 0/10 [" in d for d in shown)
 
 
 def test_terminal_bar_without_leave_is_wiped():
     out = Terminal()
-    list(runs.progress(range(3), "embed", stream=out, leave=False, clock=Clock()))
-    assert "\n" not in out.getvalue() and out.getvalue().endswith("\r\033[K")
+    list(runs.progress(range(3), "embed", stream=out, leave=False, redraw=0))
+    text = out.getvalue()
+    assert "\n" not in text and text.endswith("\r") and text.split("\r")[-2].strip() == ""
 
 
 def test_printed_lines_go_above_the_terminal_bar(monkeypatch):
     screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
-    bar = runs.Progress(2, "SAE", unit="epoch", stream=screen, clock=Clock())
+    bar = runs.Progress(2, "SAE", unit="epoch", stream=screen, redraw=0)
     print("epoch 1 | fvu 0.1")
     bar.update()
     bar.close()
     assert sys.stdout is screen                                 # handed back on close
     text = screen.getvalue()
-    # the bar is wiped, the line printed, the bar redrawn below it
-    assert "\r\033[Kepoch 1 | fvu 0.1\n\rSAE   0%" in text
-    assert text.splitlines()[-1].split("\r")[-1].startswith("SAE  50% [##########----------] 1/2 epoch")
+    # tqdm.write: the bar is wiped, the line printed on its own, the bar redrawn below it
+    wiped, printed = text.split("epoch 1 | fvu 0.1\n")
+    assert wiped.split("\r")[-1] == "" and wiped.split("\r")[-2].strip() == ""
+    assert draws(printed)[0].startswith("SAE:   0%|")
+    assert draws(printed)[-1].startswith("SAE:  50%|") and " 1/2 [" in draws(printed)[-1]
 
 
 def test_inner_bar_is_silent_and_tqdm_disable_silences(monkeypatch):
@@ -171,5 +186,5 @@ def test_real_terminal_vs_pipe():
             os.close(child)
     assert r.returncode == 0
     text = text.decode().replace("\r\n", "\n")          # the tty turns \n into \r\n
-    assert "\rdemo 100% [####################] 3/3 step" in text
-    assert "\r\033[Kline 2\n" in text
+    assert "\rdemo: 100%|" in text and " 3/3 [" in text          # tqdm's bar, redrawn
+    assert "\rline 2\n" in text                                 # printed above the bar

@@ -40,7 +40,7 @@ LAM_sae-preserve ?= 1000
 LAM_sae-sparse   ?= 1000
 LAM_l1           ?= 30
 # λ = 1000 for l2 and sae-preserve: about where SAE-FT comes within 0.3 points of the zero-shot
-# OOD mean (README: "The λ grid behind the defaults"; every λ: `make frontier`).
+# OOD mean (docs/toy-world.md: "The λ grid behind the defaults"; every λ: `make frontier`).
 EVAL_FLAGS  ?= --wise-alphas sweep --workers 0
 REPORT_FLAGS ?= --workers 0
 # One thread per process, two processes at a time: the tiny demo models barely use a second
@@ -90,9 +90,9 @@ demo-report-%: demo-finetune-%
 	    --out $(DEMO)/report_$* --results $(DEMO)/interpret.jsonl > /dev/null
 
 # ---------------------------------------------------------------------------------------------
-# The ID–OOD frontier sweep (README: "When does SAE-FT beat L2?"): every method as a curve over
-# λ (WiSE-FT over α), 3 seeds, compared at matched ID accuracy. Resumable: re-run the same
-# command after a stop. `make frontier-ablations` sweeps the SAE-FT variants.
+# The ID–OOD frontier sweep (docs/toy-world.md: "When does SAE-FT beat L2?"): every method
+# as a curve over λ (WiSE-FT over α), 3 seeds, compared at matched ID accuracy. Resumable:
+# re-run the same command after a stop. `make frontier-ablations` sweeps the SAE-FT variants.
 FRONTIER    ?= runs/frontier
 TAG         ?= main
 SEEDS       ?= 0 1 2

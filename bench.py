@@ -41,7 +41,7 @@ Smoke run (what test_bench.py runs):
         --extract-batch-size 4 --workers 0 --threads 1 --out /tmp/bench.json
 On a shared CPU add `--clock cpu --threads 1`: step times become this process's CPU time,
 which other processes barely disturb (wall-time medians there can be off by 2–3×).
-Prints a Markdown table for the README and, with --out, writes every number as JSON.
+Prints a Markdown table (as in docs/benchmarks.md) and, with --out, writes every number as JSON.
 """
 import argparse
 import concurrent.futures
@@ -611,7 +611,7 @@ def evaluate_targets(res, args, device):
 
 
 def markdown(res):
-    """The README table: machine and command, then one block per measurement, then targets."""
+    """The table of docs/benchmarks.md: machine and command, each measurement, targets."""
     m, s = res["machine"], res["settings"]
     where = f"{m['gpu']} + " if "gpu" in m else ""
     L = [f"**Machine:** {where}{m['cpu']} ({m['cpu_count']} cores) · torch {m['torch']} · "

@@ -19,7 +19,7 @@ and scored on held-out samples:
 batches in the same order, with the same lr, schedule, batch size, steps and dead-latent window
 (one epoch), and prints both side by side. sae-lens is an optional extra: `pip install sae-lens`.
 
-The README's comparison (d = 256, 300 steps per SAE; ≈ 1 CPU-minute per SAE on an idle core):
+The comparison in docs/benchmarks.md (d = 256, 300 steps per SAE; ≈ 1 CPU-minute per SAE on an idle core):
     python bench_sae.py --d 256 --atoms 1024 --active 16 --n-train 30720 --n-val 5120 \
         --batch-size 1024 --epochs 10 --k 16 4 --saelens --out results/bench_sae_saelens.json
 The full-size world (d = 512, 2048 atoms, 32 active, n = 2048; 600 steps of 4096 per SAE):

@@ -215,7 +215,7 @@ def default_lr(n, total_steps):
     The first factor is the rule of long runs (Gao et al. 2024; EleutherAI sparsify); shorter
     runs need a larger lr to get anywhere, so it is raised by sqrt(15k / steps) below 15k
     steps (×2.2 at 3 100 steps, ×7.1 at 300), at most ×10 (below 150 steps). Chosen from the
-    sweeps in the README: the planted dictionary's best lr falls like 1/sqrt(steps); on the
+    sweeps in docs/benchmarks.md: the planted dictionary's best lr falls like 1/sqrt(steps); on the
     toy world the next factor of √2 up kills a tenth of the latents."""
     boost = min(10.0, max(1.0, math.sqrt(15_000 / max(1, total_steps))))
     return 2e-4 / math.sqrt(n / 2 ** 14) * boost

@@ -3,8 +3,9 @@
 # batch 128 bf16, memory comparison at batch 64. Run from the repository root on a GPU machine
 # with no internet:
 #     OUT=/some/dir bash scripts/bench_gpu.sh
-# Writes $OUT/bench_cuda.json (every number), $OUT/bench_cuda.md (the README table) and
-# $OUT/bench_cuda.log (progress, errors, nvidia-smi). Expected wall time: ~3-4 minutes.
+# Writes $OUT/bench_cuda.json (every number), $OUT/bench_cuda.md (the table of
+# docs/benchmarks.md) and $OUT/bench_cuda.log (progress, errors, nvidia-smi). Expected wall
+# time: ~3-4 minutes.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

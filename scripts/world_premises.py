@@ -13,7 +13,7 @@ whose decoder atom lies closest to the class name's text embedding ("a photo of 
 and the latent that best detects the class as the large shape on `train`; for each, how often
 it fires on `test` images whose large shape is the class, whose small shapes include it, and
 which do not hold it at all. Fine-tuning's own ID accuracy comes from
-finetune.py + evaluate.py (README, "When does SAE-FT beat L2?").
+finetune.py + evaluate.py (docs/toy-world.md, "The crowd world").
 """
 import argparse
 import json

@@ -284,8 +284,8 @@ def image_name(dataset, i, cell):
 def skip_warning(count, what):
     """The closing count of an extraction or a run that skipped unreadable images."""
     if count:
-        print(f"warning: skipped {count} unreadable image(s) of {what} ({SKIP_FLAG}; each is "
-              "named above)", file=sys.stderr, flush=True)
+        print(f"warning: skipped {count} unreadable image(s) of {what} ({SKIP_FLAG}; each was "
+              "named in a warning as it was read)", file=sys.stderr, flush=True)
 
 
 class TorchImageDataset(torch.utils.data.Dataset):

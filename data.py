@@ -274,11 +274,14 @@ def image_name(dataset, i, cell):
     indices = getattr(dataset, "_indices", None)          # select / shuffle / max_samples
     row = indices.column(0)[i].as_py() if indices is not None else i
     files = [f["filename"] for f in dataset.cache_files]
-    where = f" {Path(files[0]).parent}" if files else ""    # a save_to_disk folder: its split
-    hub = f" {dataset.info.dataset_name}" if dataset.info.dataset_name else ""
-    split = f" split '{dataset.split}'" if dataset.split else ""
-    named = f", file name {path}" if path else ""
-    return f"row {row} of the dataset{hub}{split}{where}{named}"
+    folder = str(Path(files[0]).parent) if files else None  # a save_to_disk folder: its split
+    name = dataset.info.dataset_name                         # a hub dataset's name
+    if name:
+        split = f" split '{dataset.split}'" if dataset.split else ""
+        where = name + split + (f" (files in {folder})" if folder else "")
+    else:
+        where = folder or "in memory"
+    return f"row {row} of the dataset {where}" + (f", file name {path}" if path else "")
 
 
 def skip_warning(count, what):

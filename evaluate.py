@@ -26,7 +26,8 @@ and the representation analysis are computed from those embeddings:
     macro_f1      iWildCam sets (§6.4): macro-F1 (%) over the classes present in the split
     worst_region  FMoW sets (§6.4): the lowest per-region accuracy (%), Other excluded; also
                   region_top1 / region_n per region (top1 is the average accuracy)
-One JSON line per (model, eval set) is appended to --results (settings + metrics); the table
+One JSON line per (model, eval set) is appended to --results (settings + metrics; with
+--skip-bad-images, `skipped_images` counts the set's undecodable images left out); the table
 printed at the end and the ID-vs-OOD figure (--plot) are made from those lines.
 
 Eval sets (--sets; --id-set marks the ID set, every other set counts toward the OOD mean):

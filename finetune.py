@@ -32,7 +32,9 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
         --out runs/vitb16/sae_preserve
   Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
-  exactly where it stopped with the same command plus `--resume`.
+  exactly where it stopped with the same command plus `--resume`. An image that cannot be
+  decoded stops the run with one line naming it, its last whole step saved: add `--resume
+  --skip-bad-images` to go on without it (or start with `--skip-bad-images`).
   The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
   λ_mask = 10 as defaults; losses.regulariser): add `--sae-space raw`. WILDS (§6.4): `--train-data
   /data/wilds/iwildcam_v2.0 --templates iwildcam` (a folder the `wilds` package wrote).

@@ -24,6 +24,8 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
         --out runs/vitb16/sae
   On 8 GPUs, `torchrun --nproc_per_node=8 train_sae.py …` (same flags): each process embeds
   1/8 of the images; they are gathered in order, and rank 0 caches them and trains the SAE.
+An image that cannot be decoded stops the extraction with one line naming it; --skip-bad-images
+leaves such images out (named in warnings, counted in sae_config.json).
 """
 import argparse
 import math

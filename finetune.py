@@ -284,7 +284,8 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         correct, seen = correct + (logits.argmax(-1) == y).sum(), seen + len(y)
     if ddp:  # torchrun: every rank logs and checks the terms and accuracy over all ranks' images
         sums = {k: runs.sum_over_ranks(v) / runs.world_size() for k, v in sums.items()}
-        correct, seen = runs.sum_over_ranks(correct), seen * runs.world_size()
+        correct = runs.sum_over_ranks(correct)
+        seen = int(runs.sum_over_ranks(torch.tensor(seen)))   # ranks may skip unequal numbers
     terms = {k: v.item() for k, v in sums.items()}
     check_finite(terms, "loss")                        # a bad step must not reach the weights
     grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()

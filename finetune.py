@@ -492,6 +492,8 @@ def train(args):
         epoch_done = pos == steps_per_epoch
         if epoch_done:
             epoch, pos, batches = epoch + 1, 0, None
+        checkpoint = epoch_done or step == stop or (args.save_every and step % args.save_every == 0)
+        saved = step if checkpoint else saved           # every rank knows what rank 0 saved
 
         # ---- log, probe, checkpoint (torchrun: rank 0; every rank holds the same weights)
         if not main:
@@ -507,9 +509,8 @@ def train(args):
         if sae is not None and ((args.probe_every and step % args.probe_every == 0)
                                 or step == stop):
             runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
-        if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
+        if checkpoint:
             save(out, clf, opt, step, epoch, pos, skipped, args, world)
-            saved = step
     bar.close()
     if main:
         data.skip_warning(skipped, f"{args.train_data} over the run's {step} steps (the same "

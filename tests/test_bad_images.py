@@ -250,3 +250,26 @@ def test_interpret(source, run_dir, sae_dir, tmp_path, capsys):
     n = len(data.load_image_dataset(path, split))
     assert records[0] == records[1]
     assert (records[0]["n"], records[0]["skipped_images"]) == (n - len(names), len(names))
+
+
+def test_command_line_prints_one_line_not_a_traceback(bad_image_folder, tiny_clip_dir, tmp_path):
+    """The issue's case, through the real command line: finetune.py on an image folder holding
+    an unreadable JPEG, the image read in a loader worker process. Exit status 1, no traceback,
+    the last stderr line the error naming the file and the way on."""
+    import os
+    import subprocess
+    import sys
+    names = bad_names(bad_image_folder, "train")
+    n = len(data.load_image_dataset(bad_image_folder, "train"))
+    seed, done, _ = seed_meeting_a_bad_image_late(n, set(names))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(Path(finetune.__file__)),
+           *map(str, ft_argv(tiny_clip_dir, bad_image_folder, out, seed, workers=2))]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot decode image ") and SKIP in last, r.stderr
+    assert any(name in last for name in names.values()), last
+    assert f"saved at step {done}" in last

@@ -245,7 +245,9 @@ def check_label_range(dataset, num_classes, label_column="label"):
 # skip_bad each one is named in a warning and left out. Whether an image is readable depends on
 # its file alone, so the images skipped are the same whatever the worker count or resume point.
 
-UNREADABLE = -1        # label of a skipped image's placeholder row (datasets' own "no label")
+# The label of a skipped image's placeholder row: not datasets' "no label" (−1, which unlabelled
+# splits hold and train_sae.py accepts), and below every label a stage accepts.
+UNREADABLE = -2
 SKIP_FLAG = "--skip-bad-images"
 SKIP_HELP = ("skip images that cannot be decoded (corrupt, truncated, missing), each named in a "
              "warning and counted, instead of stopping at the first with an error naming it")

@@ -360,7 +360,7 @@ def train(args):
     runs.dist_teardown()                          # torchrun: the SAE trains on rank 0 alone
     if not main:
         return None
-    readable = labels != UNREADABLE                                     # --skip-bad-images
+    readable = (labels != UNREADABLE) | (not args.skip_bad_images)    # --skip-bad-images
     h, skipped = h[readable], int((~readable).sum())
     skip_warning(skipped, args.train_data)
     n_val = max(2, int(args.val_fraction * len(h)))

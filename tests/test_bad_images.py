@@ -122,6 +122,27 @@ def test_train_sae(source, tiny_clip_dir, tmp_path, capsys):
         tmp_path / "again"], names[min(names)], unchanged=[tmp_path / "cache0"])
 
 
+def test_train_sae_keeps_unlabelled_rows(tiny_clip_dir, tmp_path):
+    """An unlabelled split (datasets' "no label", −1, as ImageNet's hub test split) is not
+    mistaken for skipped images: only the undecodable row is left out."""
+    import io
+    rows = conftest.make_shape_split(20, 0)
+    cells = []
+    for img in rows["image"]:
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        cells.append({"bytes": buf.getvalue(), "path": None})
+    cells[3] = {"bytes": conftest.corrupt_images()["random_bytes.jpg"], "path": "x.jpg"}
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": cells, "label": [-1] * 20},
+                               features=features).save_to_disk(str(tmp_path / "unlabelled"))
+    train_sae.main([str(a) for a in sae_argv(tiny_clip_dir, tmp_path / "unlabelled", tmp_path)
+                    + [SKIP]])
+    config = json.loads((tmp_path / "sae" / "sae_config.json").read_text())
+    held_out = max(2, int(0.05 * 19))
+    assert (config["skipped_images"], config["n_train"]) == (1, 19 - held_out)
+
+
 # ------------------------------------------------------------------------------------------
 # finetune.py
 # ------------------------------------------------------------------------------------------

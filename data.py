@@ -237,29 +237,102 @@ def check_label_range(dataset, num_classes, label_column="label"):
 # Torch side: a Dataset wrapper, a loader, embedding extraction
 # ============================================================================================
 
-class TorchImageDataset(torch.utils.data.Dataset):
-    """(transform(image), label) pairs from a `load_image_dataset` result."""
+# --------------------------------------------------------------------------------------------
+# Unreadable images: one clear error naming the file, or skipped with --skip-bad-images
+# --------------------------------------------------------------------------------------------
+# Real datasets hold a few files PIL cannot decode (random bytes, truncated JPEGs, a file that
+# vanished). By default the first one met stops the stage with a BadImage error naming it; with
+# skip_bad each one is named in a warning and left out. Whether an image is readable depends on
+# its file alone, so the images skipped are the same whatever the worker count or resume point.
 
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
+# The label of a skipped image's placeholder row: not datasets' "no label" (−1, which unlabelled
+# splits hold and train_sae.py accepts), and below every label a stage accepts.
+UNREADABLE = -2
+SKIP_FLAG = "--skip-bad-images"
+SKIP_HELP = ("skip images that cannot be decoded (corrupt, truncated, missing), each named in a "
+             "warning and counted, instead of stopping at the first with an error naming it")
+
+
+class BadImage(UserError):
+    """An image that cannot be decoded; the message names it and the way out."""
+
+
+def decode_rgb(cell):
+    """A dataset's raw image cell ({"bytes", "path"}, datasets.Image(decode=False)) as an RGB PIL
+    image, decoded exactly as datasets.Image decodes (EXIF orientation applied). Greyscale /
+    CMYK / palette images exist in ImageNet; CLIP's transforms expect RGB. Raises whatever PIL
+    raises on a file it cannot read (UnidentifiedImageError, OSError for a truncated file)."""
+    import datasets
+    return datasets.Image().decode_example(cell).convert("RGB")
+
+
+def image_name(dataset, i, cell):
+    """Where image i of `dataset` comes from, for a person: its file when it is one on disk (an
+    image folder), else its row in the table (a save_to_disk folder, a hub dataset) with the
+    file name stored beside the bytes."""
+    path = (cell or {}).get("path")
+    if path and (cell or {}).get("bytes") is None:
+        return str(path)
+    indices = getattr(dataset, "_indices", None)          # select / shuffle / max_samples
+    row = indices.column(0)[i].as_py() if indices is not None else i
+    files = [f["filename"] for f in dataset.cache_files]
+    folder = str(Path(files[0]).parent) if files else None  # a save_to_disk folder: its split
+    name = dataset.info.dataset_name                         # a hub dataset's name
+    if name:
+        split = f" split '{dataset.split}'" if dataset.split else ""
+        where = name + split + (f" (files in {folder})" if folder else "")
+    else:
+        where = folder or "in memory"
+    return f"row {row} of the dataset {where}" + (f", file name {path}" if path else "")
+
+
+def skip_warning(count, what):
+    """The closing count of an extraction or a run that skipped unreadable images."""
+    if count:
+        print(f"warning: skipped {count} unreadable image(s) of {what} ({SKIP_FLAG}; each was "
+              "named in a warning as it was read)", file=sys.stderr, flush=True)
+
+
+class TorchImageDataset(torch.utils.data.Dataset):
+    """(transform(image), label) pairs from a `load_image_dataset` result.
+
+    skip_bad: an image that cannot be decoded gives a placeholder (a grey image) labelled
+    UNREADABLE, named in a warning; rows keep their positions, so embeddings stay aligned with
+    the dataset and the caller drops those rows. Otherwise it raises BadImage."""
+
+    def __init__(self, dataset, transform, skip_bad=False):
+        import datasets
+        self.dataset, self.transform, self.skip_bad = dataset, transform, skip_bad
+        self.raw = dataset.cast_column("image", datasets.Image(decode=False))  # decode_rgb's
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        row = self.dataset[i]
-        # Greyscale / CMYK / palette images exist in ImageNet; CLIP's transforms expect RGB.
-        return self.transform(row["image"].convert("RGB")), int(row["label"])
+        row = self.raw[i]
+        try:
+            image = decode_rgb(row["image"])
+        except Exception as e:  # whatever PIL raises on a file it cannot read
+            name = image_name(self.dataset, i, row["image"])
+            if not self.skip_bad:
+                raise BadImage(f"cannot decode image {name} ({brief(e)}); remove or replace "
+                               f"it, or pass {SKIP_FLAG} to skip unreadable images") from None
+            print(f"warning: skipping unreadable image {name} ({brief(e)})", file=sys.stderr,
+                  flush=True)
+            from PIL import Image
+            return self.transform(Image.new("RGB", (64, 64), (128, 128, 128))), UNREADABLE
+        return self.transform(image), int(row["label"])
 
 
 def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0,
-                drop_last=False, shard=False):
+                drop_last=False, shard=False, skip_bad=False):
     """DataLoader of (images (B,3,H,W), labels (B,)). The shuffle order and the workers' random
     augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch).
     shard: under torchrun, only this process's share of the images (Shard); extract_outputs
-    gathers every share back, in order."""
+    gathers every share back, in order. skip_bad: unreadable images come as UNREADABLE rows
+    (TorchImageDataset)."""
     gen = torch.Generator().manual_seed(seed)
-    images = TorchImageDataset(dataset, transform)
+    images = TorchImageDataset(dataset, transform, skip_bad)
     if shard and runs.world_size() > 1:                     # torchrun: this rank's share
         images = Shard(images)
     return torch.utils.data.DataLoader(
@@ -302,10 +375,11 @@ class SeededImages(torch.utils.data.Dataset):
     Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
     scheduling or where a resumed run restarted — which is what makes resuming exact.
     keep=True (only for a transform without randomness, e.g. no augmentation): each image is
-    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all."""
+    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all.
+    skip_bad: an unreadable image gives None, which epoch_loader leaves out of its batch."""
 
-    def __init__(self, dataset, transform, keep=False):
-        self.images = TorchImageDataset(dataset, transform)
+    def __init__(self, dataset, transform, keep=False, skip_bad=False):
+        self.images = TorchImageDataset(dataset, transform, skip_bad)
         self.kept, self.room = {}, KEEP_BYTES if keep else 0
 
     def __len__(self):
@@ -317,6 +391,8 @@ class SeededImages(torch.utils.data.Dataset):
             return (*self.kept[i], i)
         with seeded(seed):
             image, label = self.images[i]
+        if label == UNREADABLE:
+            return None
         if image.nbytes <= self.room:
             self.kept[i], self.room = (image, label), self.room - image.nbytes
         return image, label, i
@@ -336,14 +412,22 @@ def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_m
 
     Under torchrun (world W > 1) micro-batch m of the epoch is images m·B·W … (m+1)·B·W − 1 of
     the same order, and rank r reads its r-th slice of B: the W ranks together see what one
-    process with --batch-size B·W sees, whatever W is."""
+    process with --batch-size B·W sees, whatever W is. Images SeededImages skips (skip_bad) are
+    left out of their micro-batch; a micro-batch left with none is None."""
     perm, seeds = epoch_order(seed, epoch, len(images))
     seeds = seeds.tolist()
     order = perm[first * batch_size * world:count * batch_size * world]
     order = order.view(-1, world, batch_size)[:, rank].reshape(-1)  # (count − first)·B
     keys = [(i, seeds[i]) for i in order.tolist()]
     return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
-                                       num_workers=workers, pin_memory=pin_memory)
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       collate_fn=_collate_readable)
+
+
+def _collate_readable(items):
+    """default_collate of the items that are not None (skipped images); None if none is left."""
+    kept = [x for x in items if x is not None]
+    return torch.utils.data.default_collate(kept) if kept else None
 
 
 def extract_outputs(fn, loader, device, amp=True, desc="extract"):
@@ -438,15 +522,18 @@ def _read_cached(path, key):
 
 
 def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,
-                        max_samples, transform):
+                        max_samples, transform, skip_bad=False):
     """The cache key for embeddings of `dataset` (a load_image_dataset result).
 
     model_identity: a dict naming the model and its weights (models.model_identity). The
-    dataset's fingerprint changes when its files do, so a regenerated folder is recomputed."""
-    return {"model": model_identity, "source": str(source), "split": split,
-            "image_column": image_column, "label_column": label_column,
-            "max_samples": max_samples, "transform": repr(transform),
-            "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset)}
+    dataset's fingerprint changes when its files do, so a regenerated folder is recomputed.
+    skip_bad: embeddings made with unreadable images skipped (UNREADABLE rows) get a key of
+    their own, so a run never reads the other kind."""
+    key = {"model": model_identity, "source": str(source), "split": split,
+           "image_column": image_column, "label_column": label_column,
+           "max_samples": max_samples, "transform": repr(transform),
+           "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset)}
+    return {**key, "bad_images": "skipped"} if skip_bad else key
 
 
 # ============================================================================================

@@ -26,7 +26,8 @@ and the representation analysis are computed from those embeddings:
     macro_f1      iWildCam sets (§6.4): macro-F1 (%) over the classes present in the split
     worst_region  FMoW sets (§6.4): the lowest per-region accuracy (%), Other excluded; also
                   region_top1 / region_n per region (top1 is the average accuracy)
-One JSON line per (model, eval set) is appended to --results (settings + metrics); the table
+One JSON line per (model, eval set) is appended to --results (settings + metrics; with
+--skip-bad-images, `skipped_images` counts the set's undecodable images left out); the table
 printed at the end and the ID-vs-OOD figure (--plot) are made from those lines.
 
 Eval sets (--sets; --id-set marks the ID set, every other set counts toward the OOD mean):
@@ -158,6 +159,9 @@ def parse_args(argv=None):
     g.add_argument("--label-column", default="label", help="label column of NAME=SOURCE sets")
     g.add_argument("--max-samples", type=int, default=None, help="a fixed random subset of this "
                    "many images per set, for quick runs")
+    g.add_argument(data.SKIP_FLAG, action="store_true", help=data.SKIP_HELP + "; every model is "
+                   "scored on the same readable images, and each JSON line says how many were "
+                   "skipped (skipped_images)")
     g = p.add_argument_group("run and output")
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
@@ -269,19 +273,28 @@ def embed(clf, s, preprocess, args):
     """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A set
     whose transformed images fit in data.KEEP_BYTES is decoded once and kept (s.batches) for
     the next model: the same inputs (one process only: under torchrun the loader's shard tells
-    extract_outputs to gather)."""
+    extract_outputs to gather). --skip-bad-images: the unreadable images' rows are dropped, the
+    same for every model, and counted in s.skipped."""
     batches = s.batches
     if batches is None:
         transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
         batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
-                                   shard=True)           # torchrun: each rank its share
+                                   shard=True,           # torchrun: each rank its share
+                                   skip_bad=args.skip_bad_images)
         x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
         if runs_io.world_size() == 1 and \
                 len(s.dataset) * x.nelement() * x.element_size() <= data.KEEP_BYTES:
             batches = s.batches = list(batches)
     (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
                                         desc=s.spec.name)
-    return h, labels
+    readable = labels != data.UNREADABLE
+    if s.skipped == 0 and not readable.all():              # the first model: count, warn once
+        s.skipped = int((~readable).sum())
+        if runs_io.is_main():
+            data.skip_warning(s.skipped, f"eval set {s.spec.name}")
+        if s.groups is not None:                           # FMoW regions, row by row
+            s.groups = s.groups[readable]
+    return h[readable], labels[readable]
 
 
 @torch.no_grad()
@@ -508,6 +521,7 @@ class EvalData:
     groups: torch.Tensor | None = None    # FMoW: region of each image (N,)
     group_names: list | None = None
     batches: list | None = None           # (images, labels) batches, kept if small (embed)
+    skipped: int = 0                      # unreadable images left out (--skip-bad-images)
 
 
 def local_source(spec, data_root):
@@ -658,7 +672,7 @@ def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
         "model": spec.label, "kind": spec.kind, "run": run.path if run else None,
         "method": run.method if run else "zero-shot", "alpha": spec.alpha,
         "dataset": s.spec.name, "role": s.spec.role, "source": s.source, "split": s.spec.split,
-        "n": n, "max_samples": args.max_samples,
+        "n": n, "max_samples": args.max_samples, "skipped_images": s.skipped,
         "sae": args.sae, "sae_n": sae_cfg.get("n"), "sae_k": sae_cfg.get("k"),
         "run_config": {k: v for k, v in (run.config if run else {}).items()
                        if k not in ("classnames", "templates", "model_cfg", "preprocess_cfg")},

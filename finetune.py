@@ -32,7 +32,9 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
         --out runs/vitb16/sae_preserve
   Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
-  exactly where it stopped with the same command plus `--resume`.
+  exactly where it stopped with the same command plus `--resume`. An image that cannot be
+  decoded stops the run with one line naming it, its last whole step saved: add `--resume
+  --skip-bad-images` to go on without it (or start with `--skip-bad-images`).
   The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
   λ_mask = 10 as defaults; losses.regulariser): add `--sae-space raw`. WILDS (§6.4): `--train-data
   /data/wilds/iwildcam_v2.0 --templates iwildcam` (a folder the `wilds` package wrote).
@@ -79,8 +81,10 @@ TRAIN_LOG, PROBE_LOG, SUMMARY = "train_log.jsonl", "probe.jsonl", "summary.json"
 RUN_FILES = (models.WEIGHT_FILE, models.CONFIG_FILE, runs.CHECKPOINT, TRAIN_LOG, PROBE_LOG,
              SUMMARY)
 # Settings that --resume may change without changing the weights the run ends with.
+# --skip-bad-images too: until an unreadable image is met, skipping changes nothing, and a run
+# stopped at one resumes with it exactly as if it had been on from the start.
 RESUMABLE = {"resume", "overwrite", "max_steps", "workers", "log_every", "save_every",
-             "probe_every", "device"}
+             "probe_every", "device", "skip_bad_images"}
 
 
 # ============================================================================================
@@ -111,6 +115,10 @@ def parse_args(argv=None):
                    "openai_imagenet (the 80 OpenAI ones), simple, a dataset's own (iwildcam, "
                    "fmow, cifar, dtd, stl10: models.TEMPLATES), or a file with one template "
                    "per line containing {}; auto = openai_imagenet for ImageNet, else simple")
+    g.add_argument(data.SKIP_FLAG, action="store_true", help=data.SKIP_HELP + ". Without it, a "
+                   "run stopped by one saves its checkpoint first: add --resume and this flag "
+                   "to go on exactly as if it had been on from the start. The images a step "
+                   "skips are left out of its batch (the count is in summary.json)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="open_clip's train transform (RandomResizedCrop); --no-augment uses "
                    "the eval transform (resize + centre crop)")
@@ -230,6 +238,8 @@ class StepResult(NamedTuple):
                        # R's own terms (res, pres, sparse, remove, l2, l1; losses.regulariser)
     acc: float         # top-1 (%) on the step's training images
     grad_norm: float   # before clipping
+    images: int = 0    # images the step trained on (fewer than the effective batch when
+                       # --skip-bad-images left unreadable ones out)
 
 
 def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=None):
@@ -246,7 +256,11 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     ddp = isinstance(clf, DDP)                               # torchrun: clf is wrapped in DDP
     visual = (clf.module if ddp else clf).visual
     sums, correct, seen = {}, 0, 0
-    for i, (x, y, idx) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
+        if batch is None:  # --skip-bad-images left nothing (data.epoch_loader)
+            raise UserError(f"every image of a micro-batch of {args.batch_size} was unreadable: "
+                            "remove the unreadable images, or raise --batch-size")
+        x, y, idx = batch
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
         with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
@@ -270,7 +284,8 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         correct, seen = correct + (logits.argmax(-1) == y).sum(), seen + len(y)
     if ddp:  # torchrun: every rank logs and checks the terms and accuracy over all ranks' images
         sums = {k: runs.sum_over_ranks(v) / runs.world_size() for k, v in sums.items()}
-        correct, seen = runs.sum_over_ranks(correct), seen * runs.world_size()
+        correct = runs.sum_over_ranks(correct)
+        seen = int(runs.sum_over_ranks(torch.tensor(seen)))   # ranks may skip unequal numbers
     terms = {k: v.item() for k, v in sums.items()}
     check_finite(terms, "loss")                        # a bad step must not reach the weights
     grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()
@@ -281,7 +296,7 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     if bad is not None:
         raise NonFiniteLoss("weights after the update", bad)
     mark("optimiser")
-    return StepResult(terms, 100 * correct.item() / seen, grad_norm)
+    return StepResult(terms, 100 * correct.item() / seen, grad_norm, seen)
 
 
 def zero_shot_target(f0, x, idx, h, h0_cache):
@@ -337,11 +352,16 @@ def probe(clf, sae, probe_images, z0, step, args):
             "overlap": losses.feature_overlap(out.z, z0, sae.k).item()}
 
 
-def probe_set(dataset, preprocess_val, size):
-    """(P, 3, H, W): `size` train images under the eval transform, the same for every run."""
+def probe_set(dataset, preprocess_val, size, skip_bad=False):
+    """(P, 3, H, W): `size` train images under the eval transform, the same for every run
+    (fewer when --skip-bad-images leaves unreadable ones out)."""
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
-    images = data.TorchImageDataset(dataset.select(idx.tolist()), preprocess_val)
-    return torch.stack([images[i][0] for i in range(len(images))])
+    images = data.TorchImageDataset(dataset.select(idx.tolist()), preprocess_val, skip_bad)
+    pairs = [images[i] for i in range(len(images))]
+    kept = [x for x, y in pairs if y != data.UNREADABLE]
+    if not kept:
+        raise UserError(f"none of the {len(pairs)} probe images is readable")
+    return torch.stack(kept)
 
 
 @torch.no_grad()
@@ -411,12 +431,14 @@ def train(args):
         print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
               "checkpointing; training without it (more memory)", file=sys.stderr)
     images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val,
-                               keep=not args.augment)     # no augmentation: decode once
+                               keep=not args.augment,     # no augmentation: decode once
+                               skip_bad=args.skip_bad_images)
     h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
         else None
 
     # ---- probe set: zero-shot codes z0 once, from f0 (§4)
-    probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)))
+    probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)),
+                             args.skip_bad_images)
     h0_probe = embed(f0, probe_images, args)                             # (P, d)
     z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n)
     if h0_cache is not None or args.reg == "none":
@@ -428,6 +450,8 @@ def train(args):
     # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
     opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
     step, epoch, pos = resume(ckpt, clf, opt, out) if ckpt is not None else (0, 0, 0)
+    saved = step if ckpt is not None else None           # the step checkpoint.pt holds
+    skipped = ckpt.get("skipped_images", 0) if ckpt is not None else 0   # image reads skipped
     if ckpt is None and main:
         runs.clear_out(out, RUN_FILES)
     if main:
@@ -453,16 +477,23 @@ def train(args):
         lr = lr_at(step, args, total_steps)
         for group in opt.param_groups:
             group["lr"] = lr
+        try:  # the step's images are all read before it starts: it runs whole or not at all
+            micro_batches = list(itertools.islice(batches, args.accum_steps))
+        except data.BadImage as e:  # stop at it, but keep every step done so far
+            raise UserError(runs.one_line(e) + stopped_at_bad_image(
+                out, saved, step, clf, opt, epoch, pos, skipped, args, world)) from None
         try:
-            result = finetune_step(model, f0, sae, opt,
-                                   itertools.islice(batches, args.accum_steps), args, h0_cache)
+            result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
+        skipped += effective - result.images
         step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
         bar.update()
         epoch_done = pos == steps_per_epoch
         if epoch_done:
             epoch, pos, batches = epoch + 1, 0, None
+        checkpoint = epoch_done or step == stop or (args.save_every and step % args.save_every == 0)
+        saved = step if checkpoint else saved           # every rank knows what rank 0 saved
 
         # ---- log, probe, checkpoint (torchrun: rank 0; every rank holds the same weights)
         if not main:
@@ -478,11 +509,12 @@ def train(args):
         if sae is not None and ((args.probe_every and step % args.probe_every == 0)
                                 or step == stop):
             runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
-        if epoch_done or step == stop or (args.save_every and step % args.save_every == 0):
-            runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
-                                 optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
-                                 args=vars(args), world_size=world)
+        if checkpoint:
+            save(out, clf, opt, step, epoch, pos, skipped, args, world)
     bar.close()
+    if main:
+        data.skip_warning(skipped, f"{args.train_data} over the run's {step} steps (the same "
+                          "image is counted once per epoch)")
 
     # ---- save the model + the config that rebuilds it; summary (torchrun: rank 0)
     summary = None
@@ -494,7 +526,7 @@ def train(args):
                                    "lam_remove": args.lam_remove, "sae": args.sae,
                                    "sae_space": args.sae_space})
         models.save_classifier(out, clf, config)
-        summary = write_summary(out, step, total_steps, args)
+        summary = write_summary(out, step, total_steps, args, skipped)
     runs.dist_teardown()  # torchrun: the others wait for rank 0's files, then all leave
     return summary
 
@@ -502,6 +534,27 @@ def train(args):
 # ============================================================================================
 # Setup and bookkeeping
 # ============================================================================================
+
+def save(out, clf, opt, step, epoch, pos, skipped, args, world):
+    """checkpoint.pt: everything --resume needs to go on from step `step`."""
+    runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
+                         optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
+                         args=vars(args), world_size=world, skipped_images=skipped)
+
+
+def stopped_at_bad_image(out, saved, step, clf, opt, epoch, pos, skipped, args, world):
+    """What the error line adds when an unreadable image stops training: the checkpoint of the
+    last whole step, saved now if it is newer than checkpoint.pt (the step the image is in has
+    not started: its images are read first), and how to go on from it. Under torchrun the
+    process that met the image stops alone, so only the last periodic checkpoint is kept."""
+    if world == 1 and step > 0 and step != saved:
+        save(out, clf, opt, step, epoch, pos, skipped, args, world)
+        saved = step
+    if saved is None:
+        return ""
+    return (f". The run is saved at step {saved} ({out / runs.CHECKPOINT}): to go on, run the "
+            f"same command with --resume {data.SKIP_FLAG}")
+
 
 def resume(ckpt, clf, opt, out):
     """Restore weights, optimiser, RNGs and position; drop log lines written after the
@@ -543,11 +596,13 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
     fqg = args.force_quick_gelu or None
     key = data.embedding_cache_key(models.model_identity(args.model, args.pretrained, fqg),
                                    dataset, args.train_data, args.split, args.image_column,
-                                   args.label_column, args.max_samples, transform="eval")
+                                   args.label_column, args.max_samples, transform="eval",
+                                   skip_bad=args.skip_bad_images)
 
-    def compute():
+    def compute():  # --skip-bad-images: an unreadable image's row is never read (not trained on)
         loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers,
-                                  shard=True)                   # torchrun: each rank its share
+                                  shard=True,                   # torchrun: each rank its share
+                                  skip_bad=args.skip_bad_images)
         (h0,), labels = data.extract_outputs(f0, loader, args.device, args.amp,
                                              desc="zero-shot h0")
         return {"h": h0, "labels": labels}
@@ -578,14 +633,16 @@ def scale_note(h0, args):
           f"λ_mask={args.lam_mask:g}")
 
 
-def write_summary(out, step, total_steps, args):
-    """summary.json: steps done, the last logged step, the first and last probe."""
+def write_summary(out, step, total_steps, args, skipped=0):
+    """summary.json: steps done, the last logged step, the first and last probe, and the
+    image reads --skip-bad-images skipped (each unreadable image once per epoch)."""
     probes = runs.read_jsonl(out / PROBE_LOG, missing_ok=True)
     logs = runs.read_jsonl(out / TRAIN_LOG, missing_ok=True)
     summary = {"steps": step, "total_steps": total_steps, "finished": step == total_steps,
                "last_log": logs[-1] if logs else None,
                "probe_first": probes[0] if probes else None,
-               "probe_last": probes[-1] if probes else None, "args": vars(args)}
+               "probe_last": probes[-1] if probes else None, "skipped_images": skipped,
+               "args": vars(args)}
     if args.device.startswith("cuda"):
         summary["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     runs.write_json(out / SUMMARY, summary)

@@ -100,6 +100,8 @@ def parse_report_args(argv):
     g.add_argument("--label-column", default="label", help="integer label column")
     g.add_argument("--max-samples", type=int, default=None, help="a fixed random subset of "
                    "this many images")
+    g.add_argument(data.SKIP_FLAG, action="store_true", help=data.SKIP_HELP + "; the report "
+                   "and its JSON line (skipped_images) say how many")
     g.add_argument("--classnames-file", default=None, help="class names, one per line, or "
                    "'imagenet' (default: the run's config.json, else the dataset's names)")
     g.add_argument("--templates", default=None, help=f"prompt templates: one of "
@@ -346,9 +348,22 @@ def check_widths(sae, model, clip_width, run_width):
 
 
 def embed_images(model, dataset, preprocess, args):
-    """h (N, d) unnormalised embeddings (model.encode_image) and labels (N,)."""
-    loader = data.make_loader(dataset, preprocess, args.batch_size, workers=args.workers)
+    """h (N, d) unnormalised embeddings (model.encode_image) and labels (N,); an image
+    --skip-bad-images skipped keeps its row, labelled data.UNREADABLE."""
+    loader = data.make_loader(dataset, preprocess, args.batch_size, workers=args.workers,
+                              skip_bad=args.skip_bad_images)
     return data.extract_embeddings(model, loader, args.device)
+
+
+def drop_unreadable(dataset, labels, what, *embeddings):
+    """Leave out the rows of the images --skip-bad-images skipped: (dataset, labels,
+    *embeddings, count), the dataset's rows still matching the embeddings' (for the grids)."""
+    readable = labels != data.UNREADABLE
+    skipped = int((~readable).sum())
+    if skipped:
+        data.skip_warning(skipped, what)
+        dataset = dataset.select(readable.nonzero().flatten().tolist())
+    return (dataset, labels[readable], *(e[readable] for e in embeddings), skipped)
 
 
 @torch.no_grad()
@@ -470,7 +485,9 @@ def section_summary(info, ranking):
              f"zero-shot model `{info['model']}`" + (f" / `{info['pretrained']}`"
                                                      if info["pretrained"] else ""),
              f"- eval set: `{info['data']}` split `{info['split']}`, {info['n']} images, "
-             f"{len(info['classnames'])} classes",
+             f"{len(info['classnames'])} classes"
+             + (f" ({info['skipped_images']} unreadable images skipped)"
+                if info["skipped_images"] else ""),
              f"- zero-shot SAE: `{info['sae']}`, n = {info['n_features']} features, k = "
              f"{info['k']}; atoms compared with the zero-shot text tower's embeddings",
              ""]
@@ -617,6 +634,7 @@ def report(args):
     # ---- embeddings of the same images by both models, and their SAE codes
     h0, labels = embed_images(clip, dataset, preprocess, args)                 # (N, d), (N,)
     h, _ = embed_images(ft, dataset, preprocess, args)
+    dataset, labels, h0, h, skipped = drop_unreadable(dataset, labels, args.data, h0, h)
     z0, fvu0 = sae_codes(sae, h0, args.device)                                 # (N, n)
     z, fvu1 = sae_codes(sae, h, args.device)
     # ---- the ranking (pure math), then what each listed feature looks like
@@ -636,7 +654,8 @@ def report(args):
     info = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(args.run),
             "method": runs.run_method(config), "model": model_name, "pretrained": pretrained,
             "sae": str(args.sae), "data": str(args.data), "split": args.split,
-            "max_samples": args.max_samples, "n": len(labels), "n_features": sae.n, "k": sae.k,
+            "max_samples": args.max_samples, "n": len(labels), "skipped_images": skipped,
+            "n_features": sae.n, "k": sae.k,
             "min_images": args.min_images, "top": args.top, "texts": args.texts,
             "classnames": classnames, "summary": summary,
             "per_class": per_class_table(z0, z, labels, len(classnames), sae.k)}

@@ -68,7 +68,7 @@ def cli(main, argv=None):
         return main(sys.argv[1:] if argv is None else list(argv))
     except (UserError, FileNotFoundError) as e:
         end_progress()
-        sys.exit("error: " + " ".join(str(e).split()))            # one line, whatever e holds
+        sys.exit("error: " + one_line(e))
     except RuntimeError as e:  # torchrun: another process died, or stalled past DIST_TIMEOUT
         if not lost_contact(e):
             raise
@@ -80,6 +80,16 @@ def cli(main, argv=None):
 
     finally:
         end_progress()
+
+
+def one_line(e):
+    """The message of `e` on one line. An error raised in a DataLoader worker process arrives
+    re-raised with the worker's traceback as its message ("Caught BadImage in DataLoader worker
+    process 0. Original Traceback …"): its last line holds the original message."""
+    text = str(e)
+    if "Original Traceback" in text and ": " in text.rstrip().splitlines()[-1]:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[1]    # "data.BadImage: <message>"
+    return " ".join(text.split())
 
 
 def brief(e):

@@ -24,6 +24,8 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
         --out runs/vitb16/sae
   On 8 GPUs, `torchrun --nproc_per_node=8 train_sae.py …` (same flags): each process embeds
   1/8 of the images; they are gathered in order, and rank 0 caches them and trains the SAE.
+An image that cannot be decoded stops the extraction with one line naming it; --skip-bad-images
+leaves such images out (named in warnings, counted in sae_config.json).
 """
 import argparse
 import math
@@ -35,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from data import (UserError, cached_embeddings, embedding_cache_key,
-                  extract_embeddings, load_image_dataset, make_loader)
+from data import (SKIP_FLAG, SKIP_HELP, UNREADABLE, UserError, cached_embeddings,
+                  embedding_cache_key, extract_embeddings, load_image_dataset, make_loader,
+                  skip_warning)
 from models import load_clip, model_identity
 import runs
 from sae import TopKSAE
@@ -59,6 +62,8 @@ def parse_args(argv=None):
     g.add_argument("--label-column", default="label", help="label column (carried into the cache)")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where embeddings are cached")
+    g.add_argument(SKIP_FLAG, action="store_true", help=SKIP_HELP + "; the SAE trains on the "
+                   "rest (their count is in sae_config.json)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the "
                    "evaluations and the report")
     add_training_args(p)
@@ -124,18 +129,22 @@ def zero_shot_embeddings(args):
     """(h (N, d) float32, labels (N,)) of the train split under the eval transform, cached.
     The cache key names the model's weights and the dataset's files, so a different model or
     dataset (or one rebuilt at the same path) is never read by mistake; finetune.py
-    --cache-zero-shot uses the same key, so it reuses these embeddings as its targets."""
+    --cache-zero-shot uses the same key, so it reuses these embeddings as its targets.
+    With --skip-bad-images an unreadable image keeps its row, labelled UNREADABLE (so
+    finetune.py can index the cache by image); train() drops those rows."""
     dataset = load_image_dataset(args.train_data, args.split, args.image_column,
                                  args.label_column, args.max_samples)
     identity = model_identity(args.model, args.pretrained, args.force_quick_gelu or None)
     key = embedding_cache_key(identity, dataset, args.train_data, args.split, args.image_column,
-                              args.label_column, args.max_samples, transform="eval")
+                              args.label_column, args.max_samples, transform="eval",
+                              skip_bad=args.skip_bad_images)
 
     def compute():
         model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
                                                 args.force_quick_gelu or None)
         loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
-                             workers=args.workers, seed=args.seed, shard=True)  # torchrun
+                             workers=args.workers, seed=args.seed, shard=True,  # torchrun
+                             skip_bad=args.skip_bad_images)
         h, labels = extract_embeddings(model, loader, args.device)
         return {"h": h, "labels": labels}
 
@@ -346,11 +355,14 @@ def main(argv=None):
 def train(args):
     # ---- data: cached zero-shot embeddings, split into train / held-out (≥ 2 rows each:
     # FVU is a ratio to their variance)
-    h, _ = zero_shot_embeddings(args)                                   # (N, d)
+    h, labels = zero_shot_embeddings(args)                              # (N, d)
     main = runs.is_main()
     runs.dist_teardown()                          # torchrun: the SAE trains on rank 0 alone
     if not main:
         return None
+    readable = (labels != UNREADABLE) | (not args.skip_bad_images)    # --skip-bad-images
+    h, skipped = h[readable], int((~readable).sum())
+    skip_warning(skipped, args.train_data)
     n_val = max(2, int(args.val_fraction * len(h)))
     if len(h) - n_val < 2:
         raise UserError(f"{args.train_data} gave {len(h)} embeddings, {n_val} of them held out "
@@ -391,7 +403,8 @@ def train(args):
     # ---- save + report
     meta = {"model": args.model, "pretrained": args.pretrained,
             "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
-            "split": args.split, "n_train": N, "held_out": report, "args": vars(args)}
+            "split": args.split, "n_train": N, "skipped_images": skipped,
+            "held_out": report, "args": vars(args)}
     sae.save(args.out, meta)
     runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
     os.replace(log, out / "train_log.jsonl")

@@ -8,6 +8,10 @@ the scripts the tests start, which inherit the environment).
                         family — ViT, ViT + QuickGELU, ModifiedResNet, a timm ConvNeXt)
     tiny_image_dataset  a save_to_disk DatasetDict, 4 classes, train 64 / test 32, 32-px images
     tiny_image_folder   the same kind of images as class sub-folders of PNG files
+    bad_image_folder    an image folder holding two files PIL cannot decode (BAD_FILES: random
+                        bytes named .jpg, a truncated JPEG)
+    bad_image_dataset   a save_to_disk DatasetDict whose train and test splits hold the same two
+                        undecodable images as bytes, at rows BAD_ROWS
     refused             a stage's main(argv) must end in one `error: …` line and change nothing
                         on disk (the helper every bad-input test shares)
 """
@@ -144,6 +148,64 @@ def write_image_folder(path, class_names, per_class=4, seed=0):
         for i in range(per_class):
             shape_image(k % len(SHAPE_CLASSES), rng).save(os.path.join(path, name, f"{i}.png"))
     return str(path)
+
+
+def corrupt_images(seed=0):
+    """{file name: bytes} of two images PIL cannot decode: random bytes named .jpg
+    (UnidentifiedImageError) and a JPEG cut in half (OSError: truncated)."""
+    import io
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    shape_image(0, rng, size=64).save(buf, format="JPEG", quality=90)
+    jpeg = buf.getvalue()
+    return {"random_bytes.jpg": rng.bytes(2000), "truncated.jpg": jpeg[:len(jpeg) // 2]}
+
+
+BAD_FILES = tuple(corrupt_images())      # their names
+BAD_ROWS = (5, 11)                       # where bad_image_dataset holds them, in each split
+
+
+def write_bad_image_dataset(path, n=16, seed=0):
+    """save_to_disk a DatasetDict {train, test}: n shape images each, plus the corrupt_images
+    (stored as bytes with their file names) at rows BAD_ROWS."""
+    import io
+    import datasets
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=SHAPE_CLASSES)})
+    splits = {}
+    for name, s in (("train", seed), ("test", seed + 1)):
+        rows = make_shape_split(n, s)
+        cells = []
+        for img in rows["image"]:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            cells.append({"bytes": buf.getvalue(), "path": None})
+        labels = rows["label"]
+        for row, (file, data) in zip(BAD_ROWS, corrupt_images(s).items()):
+            cells.insert(row, {"bytes": data, "path": file})
+            labels.insert(row, 0)
+        splits[name] = datasets.Dataset.from_dict({"image": cells, "label": labels},
+                                                  features=features)
+    datasets.DatasetDict(splits).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bad_image_folder(tmp_path_factory):
+    """An image folder, the 4 shape classes × 4 PNGs, plus BAD_FILES in the last two classes
+    (rows 4 and 17 in the folder's sorted order)."""
+    root = tmp_path_factory.mktemp("bad_folder") / "shapes"
+    classes = [c.replace(" ", "_") for c in SHAPE_CLASSES]
+    write_image_folder(str(root), classes)
+    for cls, (file, data) in zip(classes[2:], corrupt_images().items()):
+        (root / cls / file).write_bytes(data)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def bad_image_dataset(tmp_path_factory):
+    """A save_to_disk DatasetDict, train / test of 16 shape images + the two corrupt ones."""
+    return write_bad_image_dataset(tmp_path_factory.mktemp("bad_dataset") / "shapes")
 
 
 @pytest.fixture(scope="session")

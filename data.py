@@ -346,17 +346,16 @@ def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_m
                                        num_workers=workers, pin_memory=pin_memory)
 
 
-def extract_outputs(fn, loader, device, amp=True, desc="extract"):
+def extract_outputs(fn, loader, device, amp=False, desc="extract"):
     """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
 
     Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
-    bf16 autocast only on CUDA (one GPU, bf16); CPU runs stay fp32. A loader over a Shard
+    amp: bf16 autocast, on any device (the stages' resolved --amp). A loader over a Shard
     (make_loader(shard=True) under torchrun): every rank embeds its share, and gets them all.
     """
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
     outs, labels = [], []
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
         for images, y in (progress(loader, desc, unit="batch", leave=False)
                           if runs.is_main() else loader):        # torchrun: rank 0's bar only
             out = fn(images.to(device, non_blocking=True))
@@ -371,7 +370,7 @@ def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     return outs, labels
 
 
-def extract_embeddings(model, loader, device, amp=True):
+def extract_embeddings(model, loader, device, amp=False):
     """h = model.encode_image(images), unnormalised (after the visual projection).
 
     Returns (h float32 (N, d), labels (N,)). The model is put in eval mode for the pass and
@@ -438,15 +437,18 @@ def _read_cached(path, key):
 
 
 def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,
-                        max_samples, transform):
+                        max_samples, transform, amp=False):
     """The cache key for embeddings of `dataset` (a load_image_dataset result).
 
     model_identity: a dict naming the model and its weights (models.model_identity). The
-    dataset's fingerprint changes when its files do, so a regenerated folder is recomputed."""
+    dataset's fingerprint changes when its files do, so a regenerated folder is recomputed.
+    amp: embeddings made under bf16 autocast are not fp32 ones (they differ by about 1 %), so
+    the precision is part of the key. (Caches written before it was are computed again once.)"""
     return {"model": model_identity, "source": str(source), "split": split,
             "image_column": image_column, "label_column": label_column,
             "max_samples": max_samples, "transform": repr(transform),
-            "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset)}
+            "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset),
+            "precision": "bf16-autocast" if amp else "fp32"}
 
 
 # ============================================================================================

@@ -67,11 +67,14 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to extract and train (cuda if available)")
+    runs.add_amp_flag(g, "the embedding extraction (the SAE itself trains in fp32)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
                    "initialisation and the batch order")
     g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an SAE already in --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.amp = runs.resolve_amp(args.amp, args.device)  # saved in sae_config.json's args
+    return args
 
 
 def add_training_args(p):
@@ -129,14 +132,15 @@ def zero_shot_embeddings(args):
                                  args.label_column, args.max_samples)
     identity = model_identity(args.model, args.pretrained, args.force_quick_gelu or None)
     key = embedding_cache_key(identity, dataset, args.train_data, args.split, args.image_column,
-                              args.label_column, args.max_samples, transform="eval")
+                              args.label_column, args.max_samples, transform="eval",
+                              amp=args.amp)
 
     def compute():
         model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
                                                 args.force_quick_gelu or None)
         loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
                              workers=args.workers, seed=args.seed, shard=True)  # torchrun
-        h, labels = extract_embeddings(model, loader, args.device)
+        h, labels = extract_embeddings(model, loader, args.device, args.amp)
         return {"h": h, "labels": labels}
 
     cached = cached_embeddings(args.cache_dir, key, compute)

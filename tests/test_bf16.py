@@ -9,8 +9,9 @@ two agree within the tolerances below, and that they do differ (autocast really 
 Tolerances, and why. bf16 keeps 8 significant bits: each autocast matmul rounds its inputs by
 up to 2^-9 ≈ 0.2 %, and through the tiny 3-layer ViT the embeddings differ from fp32 by 0.7 %
 on average, 1.1 % at most (measured: cosine ≥ 0.9999). Every tolerance is about 3-10× the
-difference measured here (in brackets), so a real fault — a loss term computed in bf16, a
-cache that mixes precisions, a regulariser that blows up — fails, and rounding does not:
+difference measured here (in brackets), so a real fault — the SAE terms of R computed in bf16
+(tried: sae-preserve-remove fails), a cache that mixes precisions, a regulariser that blows up —
+fails, and rounding does not:
     embeddings                       row-wise relative error ≤ 3 %       (≤ 1.1 %)
     fine-tuning, step 1 (same        CE ≤ 1 % (0.04 %), grad norm ≤ 2 % (0.2 %); λ·R ≈ 0: h = h0
       weights in both runs)          before any update, up to rounding (≤ 1 % of step 2's λ·R)

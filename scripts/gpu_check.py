@@ -21,7 +21,9 @@ and the next one runs all the same:
     interpret   interpret.py report on the sae-preserve run
     bench       bench.py --device cuda --model ViT-B-16 (scripts/bench_gpu.sh's command)
 All together stay under --budget seconds (470: under 8 minutes); a step that would outlast it
-is cut short and marked "timeout".
+is cut short and marked "timeout". The dry run starts each single-process stage as a fork of
+this process (torch imported once, see run_forked), the GPU check as a fresh interpreter; the
+command lines are the same.
 
 Writes into --out (at most 4 files, so that all of them come back from a remote machine):
     gpu_check.json   every step: status (pass / fail / timeout), wall time, images and
@@ -264,7 +266,7 @@ def plan(work, out, settings, workers, nproc):
                        "--batch-size", str(settings["eval_batch_size"]),
                        "--workers", str(workers), *common, "--out", str(work / "report"),
                        "--results", str(work / "interpret.jsonl")], 2 * n["test"]),
-        ("bench", [sys.executable, str(ROOT / "bench.py"), *settings["bench"],
+        ("bench", [*in_proc("bench.py"), *settings["bench"],
                    "--workers", str(workers), "--out", str(out / "bench.json")], None),
     ]
 
@@ -382,6 +384,76 @@ def run_step(name, cmd, log, timeout, env):
     return ("pass" if rc == 0 else "fail"), rc, time.time() - t
 
 
+def run_forked(target, log, timeout, env):
+    """The dry run's way to run a stage (or setup): in a forked copy of this process, which has
+    torch, open_clip, datasets and the stage modules imported already — a fresh interpreter
+    spends ~5 s of CPU on those imports, most of the dry run on 2 cores. Same log, same
+    timeout (the child's own process group, killed whole), same exit status as the command
+    line: 0, the stage's one `error: …` line and 1, or a traceback and 1. CPU only: a forked
+    CUDA process cannot use the GPU."""
+    import traceback
+    t = time.time()
+    with open(log, "w") as f:
+        f.write(f"[gpu_check] forked: {getattr(target, 'what', 'setup')}\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:                                                  # the child
+        code = 1
+        try:
+            os.setsid()
+            fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            os.environ.clear()
+            os.environ.update(env)
+            target()
+            code = 0
+        except SystemExit as e:                                   # as the interpreter does
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    while True:                                                   # the parent
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            rc = os.waitstatus_to_exitcode(status)
+            return ("pass" if rc == 0 else "fail"), rc, time.time() - t
+        if time.time() - t > timeout:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            with open(log, "a") as f:
+                f.write(f"\n[gpu_check] killed after {timeout:.0f} s\n")
+            return "timeout", None, time.time() - t
+        time.sleep(0.1)
+
+
+def forked_target(cmd):
+    """What run_forked runs for a step: setup itself, or `gpu_check.py _stage SCRIPT ARGS`."""
+    if callable(cmd):
+        return cmd
+    target = lambda: stage(cmd[3], cmd[4:])                       # noqa: E731
+    target.what = " ".join(cmd[3:])
+    return target
+
+
+def preload():
+    """Import once what every stage imports (the dry run forks its stages from here)."""
+    sys.path.insert(0, str(ROOT))
+    import datasets  # noqa: F401
+    import open_clip  # noqa: F401
+    import torch  # noqa: F401
+    import data  # noqa: F401
+    import models  # noqa: F401
+    import runs  # noqa: F401
+
+
 def peak_memory(step_dir):
     """(peak GPU MB, peak RSS MB), each the largest over the step's processes, from the files
     `_stage` left (None where none was written)."""
@@ -430,6 +502,8 @@ def check(args):
                "workers": workers, "machine": machine(), "steps": []}
     print(f"gpu_check ({mode}): {len(plan(work, out, settings, workers, nproc))} steps, "
           f"budget {budget:.0f} s, work in {work}", flush=True)
+    if args.dry_run:
+        preload()
     start = time.time()
     for name, cmd, images in plan(work, out, settings, workers, nproc):
         left = budget - (time.time() - start)
@@ -443,7 +517,11 @@ def check(args):
         step_dir.mkdir(parents=True, exist_ok=True)
         env["GPU_CHECK_PEAK_DIR"] = str(step_dir)
         timeout = min(settings["timeout_s"].get(name, left), left)
-        status, rc, wall = run_step(name, cmd, logs / f"{name}.log", timeout, env)
+        if args.dry_run and (callable(cmd) or cmd[2:3] == ["_stage"]):
+            status, rc, wall = run_forked(forked_target(cmd), logs / f"{name}.log",
+                                          timeout, env)
+        else:
+            status, rc, wall = run_step(name, cmd, logs / f"{name}.log", timeout, env)
         row.update(status=status, rc=rc, wall_s=wall,
                    timeout_s=None if callable(cmd) else timeout)
         if images:

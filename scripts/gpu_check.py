@@ -234,9 +234,10 @@ def plan(work, out, settings, workers, nproc):
           "--save-every", "0", "--grad-checkpointing", "--cache-dir", str(work / "cache"),
           *common]
     runs_dir = work / "runs"
-    steps_per_epoch = n["train"] // (settings["batch_size"] * 2)
-    ft_images = settings["epochs"] * steps_per_epoch * settings["batch_size"] * 2
-    tr_images = settings["torchrun_max_steps"] * settings["batch_size"] * 2 * nproc
+    bs = settings["batch_size"]
+    steps = settings["epochs"] * (n["train"] // (bs * 2))       # --accum-steps 2
+    per_rank = max(1, bs // nproc)           # torchrun: the same effective batch, split
+    tr_images = min(steps, settings["torchrun_max_steps"]) * per_rank * 2 * nproc
     return [
         ("setup", lambda: setup(work, settings), sum(n.values())),
         ("train_sae", [*in_proc("train_sae.py"), "--model", model, "--train-data", data_,
@@ -245,11 +246,11 @@ def plan(work, out, settings, workers, nproc):
                        "--workers", str(workers), *common, "--out", sae], n["train"]),
         ("ft_sae_preserve", [*in_proc("finetune.py"), *ft, "--reg", "sae-preserve",
                              "--workers", str(workers), "--out", str(runs_dir / "sae-preserve")],
-         ft_images),
+         steps * bs * 2),
         ("ft_l2", [*in_proc("finetune.py"), *ft, "--reg", "l2", "--no-augment", "--cache-zero-shot",
-                   "--workers", str(workers), "--out", str(runs_dir / "l2")], ft_images),
+                   "--workers", str(workers), "--out", str(runs_dir / "l2")], steps * bs * 2),
         ("torchrun", [*torchrun, *me[1:], "_allreduce", dev, str(ROOT / "finetune.py"), *ft,
-                      "--reg", "sae-preserve",
+                      "--reg", "sae-preserve", "--batch-size", str(per_rank),
                       "--max-steps", str(settings["torchrun_max_steps"]),
                       "--workers", str(max(0, workers // nproc)),
                       "--out", str(runs_dir / "torchrun")], tr_images),
@@ -301,7 +302,7 @@ def check_outputs(name, work, out, row, settings):
             config = json.loads((run / "config.json").read_text())
             terms = [v for rec in log for k, v in rec.items() if isinstance(v, float)]
             world = config.get("world_size", 1)
-            effective = settings["batch_size"] * 2 * world
+            effective = config["args"]["batch_size"] * config["args"]["accum_steps"] * world
             steady = sorted(rec["ms_per_step"] for rec in log[1:]) or [log[0]["ms_per_step"]]
             row["train_images_per_s"] = effective / (steady[len(steady) // 2] / 1e3)
             row["steps"] = summary["steps"]

@@ -4,7 +4,8 @@ The SAE gives the zero-shot model a dictionary of sparse features; stage 2 (fine
 fine-tuning inside that dictionary and stage 3 (evaluate.py) measures drift with it.
 
     1. extract the unit-normalised zero-shot embeddings x of the fine-tuning train split
-       (eval transform, no augmentation) once, and cache them on disk;
+       (eval transform, no augmentation; bf16 autocast with --amp, the default on CUDA) once,
+       and cache them on disk (bf16 and fp32 embeddings apart);
     2. train z = ReLU(TopK_k(W_enc(x − b_dec) + b_enc)), x̃ = W_dec z + b_dec on
        loss = FVU(x, x̃) + α_aux · AuxK   (Gao et al. 2024), atoms kept at unit norm, with Adam
        at an lr set by the planned number of steps (default_lr), warm-up and a final decay;

@@ -114,8 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--cached-reg", default="sae-preserve", help="regulariser also timed with "
                    "cached zero-shot targets (no frozen forward); '' to skip")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast "
-                   "of the timed steps, as finetune.py: on CUDA only (CPU stays fp32); off = fp32")
+    runs.add_amp_flag(p, "the timed steps and the extraction, as finetune.py's --amp")
     p.add_argument("--mem-batch-size", type=int, default=None, help="batch of the memory "
                    "comparison (default: 64 on CUDA, --batch-size on CPU)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory probe")
@@ -439,8 +438,8 @@ def peak_rss():
 
 def measure_memory(args, device):
     """{config: probe result} for fp32 / bf16 (where native) × without / with grad ckpt."""
-    # finetune.py autocasts to bf16 on CUDA only, so that is the only bf16 its step can run
-    dtypes = ["fp32"] + (["bf16"] if device.type == "cuda" and bf16_supported(device) else [])
+    # bf16 autocast runs on any device (--amp), but is measured only where it is native
+    dtypes = ["fp32"] + (["bf16"] if bf16_supported(device) else [])
     results = {}
     for dtype in dtypes:
         for ckpt in (False, True):
@@ -539,15 +538,15 @@ def bench_extraction(ctx, args):
     transform = open_clip.transform.image_transform(size, is_train=False)
     loader = data.make_loader(dataset, transform, args.extract_batch_size,
                               workers=args.workers)
-    data.extract_embeddings(ctx.clf, loader, ctx.device)                  # warm-up, workers up
-    t_loader, _ = timed(lambda: data.extract_embeddings(ctx.clf, loader, ctx.device), ctx.device,
-                        wall=True)    # wall: the decoding happens in other processes
+    data.extract_embeddings(ctx.clf, loader, ctx.device, ctx.amp)         # warm-up, workers up
+    t_loader, _ = timed(lambda: data.extract_embeddings(ctx.clf, loader, ctx.device, ctx.amp),
+                        ctx.device, wall=True)    # wall: the decoding happens in other processes
     images = torch.stack([transform(dataset[i]["image"]) for i in range(len(dataset))])
     batches = [(images[i:i + args.extract_batch_size].to(ctx.device),
                 torch.zeros(len(images[i:i + args.extract_batch_size]), dtype=torch.long))
                for i in range(0, len(images), args.extract_batch_size)]
-    data.extract_embeddings(ctx.clf, batches, ctx.device)
-    t_tensors, _ = timed(lambda: data.extract_embeddings(ctx.clf, batches, ctx.device),
+    data.extract_embeddings(ctx.clf, batches, ctx.device, ctx.amp)
+    t_tensors, _ = timed(lambda: data.extract_embeddings(ctx.clf, batches, ctx.device, ctx.amp),
                          ctx.device, wall=True)
     n = len(dataset)
     return {"n_images": n, "batch_size": args.extract_batch_size, "workers": args.workers,
@@ -711,7 +710,7 @@ def bench(argv):
         if device.type != "cpu":
             raise UserError("--clock cpu measures CPU time: use it with --device cpu")
         NOW["fn"] = time.process_time
-    amp = args.amp != "off" and device.type == "cuda"      # as finetune.py: bf16 on CUDA only
+    amp = runs.resolve_amp(args.amp, device)               # as finetune.py: auto = CUDA only
     res = {"machine": machine_info(device), "command": "python " + " ".join(sys.argv),
            "settings": {**{k: v for k, v in vars(args).items()}, "amp": amp}}
     t_start = time.time()

@@ -430,17 +430,16 @@ def _collate_readable(items):
     return torch.utils.data.default_collate(kept) if kept else None
 
 
-def extract_outputs(fn, loader, device, amp=True, desc="extract"):
+def extract_outputs(fn, loader, device, amp=False, desc="extract"):
     """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
 
     Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
-    bf16 autocast only on CUDA (one GPU, bf16); CPU runs stay fp32. A loader over a Shard
+    amp: bf16 autocast, on any device (the stages' resolved --amp). A loader over a Shard
     (make_loader(shard=True) under torchrun): every rank embeds its share, and gets them all.
     """
     device = torch.device(device)
-    use_amp = amp and device.type == "cuda"
     outs, labels = [], []
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=use_amp):
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
         for images, y in (progress(loader, desc, unit="batch", leave=False)
                           if runs.is_main() else loader):        # torchrun: rank 0's bar only
             out = fn(images.to(device, non_blocking=True))
@@ -455,7 +454,7 @@ def extract_outputs(fn, loader, device, amp=True, desc="extract"):
     return outs, labels
 
 
-def extract_embeddings(model, loader, device, amp=True):
+def extract_embeddings(model, loader, device, amp=False):
     """h = model.encode_image(images), unnormalised (after the visual projection).
 
     Returns (h float32 (N, d), labels (N,)). The model is put in eval mode for the pass and
@@ -522,17 +521,21 @@ def _read_cached(path, key):
 
 
 def embedding_cache_key(model_identity, dataset, source, split, image_column, label_column,
-                        max_samples, transform, skip_bad=False):
+                        max_samples, transform, skip_bad=False, amp=False):
     """The cache key for embeddings of `dataset` (a load_image_dataset result).
 
     model_identity: a dict naming the model and its weights (models.model_identity). The
     dataset's fingerprint changes when its files do, so a regenerated folder is recomputed.
     skip_bad: embeddings made with unreadable images skipped (UNREADABLE rows) get a key of
-    their own, so a run never reads the other kind."""
+    their own, so a run never reads the other kind.
+    amp: embeddings made under bf16 autocast are not fp32 ones (0.7 % apart on average on the
+    tiny test model), so the precision is part of the key; caches written before it was are
+    computed again once."""
     key = {"model": model_identity, "source": str(source), "split": split,
            "image_column": image_column, "label_column": label_column,
            "max_samples": max_samples, "transform": repr(transform),
-           "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset)}
+           "data_fingerprint": getattr(dataset, "_fingerprint", None), "n": len(dataset),
+           "precision": "bf16-autocast" if amp else "fp32"}
     return {**key, "bad_images": "skipped"} if skip_bad else key
 
 

@@ -166,12 +166,15 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="bf16 autocast on CUDA, fp32 on CPU")
+                   help="cuda, cuda:N or cpu")
+    runs_io.add_amp_flag(g, "the image embeddings (heads, WiSE-FT and metrics stay fp32)")
     g.add_argument("--results", default="results.jsonl", help="append one JSON line per "
                    "(model, eval set) here")
     g.add_argument("--plot", default=None, metavar="PNG", help="draw the ID-vs-OOD-mean figure "
                    "(WiSE-FT curves) here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.amp = runs_io.resolve_amp(args.amp, args.device)   # in every results line
+    return args
 
 
 def check_outputs(args):
@@ -285,7 +288,7 @@ def embed(clf, s, preprocess, args):
         if runs_io.world_size() == 1 and \
                 len(s.dataset) * x.nelement() * x.element_size() <= data.KEEP_BYTES:
             batches = s.batches = list(batches)
-    (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=True,
+    (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=args.amp,
                                         desc=s.spec.name)
     readable = labels != data.UNREADABLE
     if s.skipped == 0 and not readable.all():              # the first model: count, warn once
@@ -672,7 +675,7 @@ def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
         "model": spec.label, "kind": spec.kind, "run": run.path if run else None,
         "method": run.method if run else "zero-shot", "alpha": spec.alpha,
         "dataset": s.spec.name, "role": s.spec.role, "source": s.source, "split": s.spec.split,
-        "n": n, "max_samples": args.max_samples, "skipped_images": s.skipped,
+        "n": n, "max_samples": args.max_samples, "skipped_images": s.skipped, "amp": args.amp,
         "sae": args.sae, "sae_n": sae_cfg.get("n"), "sae_k": sae_cfg.get("k"),
         "run_config": {k: v for k, v in (run.config if run else {}).items()
                        if k not in ("classnames", "templates", "model_cfg", "preprocess_cfg")},

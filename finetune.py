@@ -11,7 +11,7 @@ the fine-tuned embedding may only re-weight the SAE features the zero-shot model
 R = μ·L_res + λ_mask·L_pres. The SAE (stage 1, train_sae.py) is frozen and unused at inference.
 Recipe (§3, from WiSE-FT): AdamW (wd 0.1), 500 warm-up steps then cosine to 0, grad-norm clip
 1.0, 10 epochs, lr 3e-5 at an effective batch of 512 (= --batch-size × --accum-steps),
-open_clip's train augmentation (RandomResizedCrop 0.9–1), bf16 autocast on GPU.
+open_clip's train augmentation (RandomResizedCrop 0.9–1), bf16 autocast (--amp; default on GPU).
 
 Reading order: the settings, then `finetune_step` (the method: one optimiser step), then
 `train` (the loop: step → log / probe / checkpoint). Run-folder, checkpoint and resume plumbing
@@ -169,8 +169,8 @@ def parse_args(argv=None):
     g.add_argument("--clip-grad", type=float, default=1.0, help="grad-norm clip")
     g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label "
                    "smoothing")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast (CUDA only; CPU runs stay fp32)")
+    runs.add_amp_flag(g, "the model's forward passes (training step, frozen targets, "
+                      "--cache-zero-shot, probes; the loss math stays fp32)")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in backward: much less memory, one extra forward "
                    "of compute (ViT and timm towers; ModifiedResNet has none: a warning, then "
@@ -200,6 +200,7 @@ def parse_args(argv=None):
     for name, value in weights.items():  # the weights of the chosen space, unless given
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.amp = runs.resolve_amp(args.amp, args.device)  # saved in config.json and checkpoint
     return args
 
 
@@ -252,7 +253,6 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     phases through it."""
     mark = mark or (lambda phase: None)
     device = next(clf.parameters()).device
-    amp = args.amp and device.type == "cuda"                 # bf16 autocast on GPU only
     ddp = isinstance(clf, DDP)                               # torchrun: clf is wrapped in DDP
     visual = (clf.module if ddp else clf).visual
     sums, correct, seen = {}, 0, 0
@@ -264,7 +264,7 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
         with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
-            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # any device
                 logits, h = clf(x)                                        # (B, C), (B, d)
                 mark("forward")
                 h0 = zero_shot_target(f0, x, idx, h, h0_cache)            # (B, d), no grad
@@ -369,8 +369,7 @@ def embed(encoder, images, args):
     """h (N, d) float32 of a fixed image tensor, in eval mode, batched."""
     was_training = encoder.training
     encoder.eval()
-    use_amp = args.amp and args.device.startswith("cuda")
-    with torch.autocast("cuda", torch.bfloat16, enabled=use_amp):
+    with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.amp):
         h = torch.cat([encoder(images[i:i + args.batch_size].to(args.device)).float()
                        for i in range(0, len(images), args.batch_size)])
     encoder.train(was_training)
@@ -592,12 +591,13 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
     """h0 (N, d) of every train image under the eval transform, computed once (--cache-zero-shot).
 
     Valid only with --no-augment: the per-step frozen forward would see exactly these images.
-    The cache key is train_sae.py's, so the embeddings stage 1 cached for the SAE are reused."""
+    The cache key is train_sae.py's, so the embeddings stage 1 cached for the SAE are reused
+    (when both ran with the same --amp: bf16 and fp32 embeddings are cached apart)."""
     fqg = args.force_quick_gelu or None
     key = data.embedding_cache_key(models.model_identity(args.model, args.pretrained, fqg),
                                    dataset, args.train_data, args.split, args.image_column,
                                    args.label_column, args.max_samples, transform="eval",
-                                   skip_bad=args.skip_bad_images)
+                                   skip_bad=args.skip_bad_images, amp=args.amp)
 
     def compute():  # --skip-bad-images: an unreadable image's row is never read (not trained on)
         loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers,

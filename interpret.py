@@ -125,8 +125,10 @@ def parse_report_args(argv):
     g.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="bf16 autocast on CUDA, fp32 on CPU")
+                   help="cuda, cuda:N or cpu")
+    runs.add_amp_flag(g, "the image embeddings of both models (SAE codes and text stay fp32)")
     args = p.parse_args(argv)
+    args.amp = runs.resolve_amp(args.amp, args.device)      # in the JSON line and report.md
     runs.check_ranges(args, {name: "[1, inf)" for name in (
         "top", "min_images", "images", "texts", "prompt_templates", "batch_size", "max_samples")})
     runs.check_ranges(args, {"workers": "[0, inf)"})
@@ -352,7 +354,7 @@ def embed_images(model, dataset, preprocess, args):
     --skip-bad-images skipped keeps its row, labelled data.UNREADABLE."""
     loader = data.make_loader(dataset, preprocess, args.batch_size, workers=args.workers,
                               skip_bad=args.skip_bad_images)
-    return data.extract_embeddings(model, loader, args.device)
+    return data.extract_embeddings(model, loader, args.device, args.amp)
 
 
 def drop_unreadable(dataset, labels, what, *embeddings):
@@ -487,7 +489,8 @@ def section_summary(info, ranking):
              f"- eval set: `{info['data']}` split `{info['split']}`, {info['n']} images, "
              f"{len(info['classnames'])} classes"
              + (f" ({info['skipped_images']} unreadable images skipped)"
-                if info["skipped_images"] else ""),
+                if info["skipped_images"] else "")
+             + f"; embeddings {'under bf16 autocast' if info.get('amp') else 'in fp32'}",
              f"- zero-shot SAE: `{info['sae']}`, n = {info['n_features']} features, k = "
              f"{info['k']}; atoms compared with the zero-shot text tower's embeddings",
              ""]
@@ -655,6 +658,7 @@ def report(args):
             "method": runs.run_method(config), "model": model_name, "pretrained": pretrained,
             "sae": str(args.sae), "data": str(args.data), "split": args.split,
             "max_samples": args.max_samples, "n": len(labels), "skipped_images": skipped,
+            "amp": args.amp,
             "n_features": sae.n, "k": sae.k,
             "min_images": args.min_images, "top": args.top, "texts": args.texts,
             "classnames": classnames, "summary": summary,

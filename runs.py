@@ -5,6 +5,7 @@ the same way, so a reader of a stage file meets the method first and this plumbi
 
     UserError, HelpFormatter, cli      one error class, one --help style, one `error: …` exit
     check_ranges, check_device         numeric flags and --device, checked before any work
+    add_amp_flag, resolve_amp          --amp / --no-amp: bf16 autocast on any device (auto: CUDA)
     check_writable                     an output path can be written, checked before any work
     reading, read_text, load_json,     every file a user points to, read through one guard
     check_safetensors, load_safetensors
@@ -149,6 +150,19 @@ def check_device(device):
             raise UserError(f"--device {device}: MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
         raise UserError(f"--device {device}: only cpu, cuda[:N] and mps are supported")
+
+
+def add_amp_flag(group, what="every forward pass"):
+    """--amp / --no-amp (default None = auto), the same flag in every stage that runs a model."""
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help=f"bf16 autocast of {what}, on any device (--no-amp: fp32); "
+                       "default: on for CUDA, off for CPU and MPS")
+
+
+def resolve_amp(amp, device):
+    """The --amp a run uses: as given, else on for CUDA only (bf16 autocast is fast on GPUs;
+    on most CPUs it is slower than fp32, and it changes results, so CPU asks for it)."""
+    return str(device).startswith("cuda") if amp is None else bool(amp)
 
 
 def check_writable(path, flag, folder):

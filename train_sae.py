@@ -4,7 +4,8 @@ The SAE gives the zero-shot model a dictionary of sparse features; stage 2 (fine
 fine-tuning inside that dictionary and stage 3 (evaluate.py) measures drift with it.
 
     1. extract the unit-normalised zero-shot embeddings x of the fine-tuning train split
-       (eval transform, no augmentation) once, and cache them on disk;
+       (eval transform, no augmentation; bf16 autocast with --amp, the default on CUDA) once,
+       and cache them on disk (bf16 and fp32 embeddings apart);
     2. train z = ReLU(TopK_k(W_enc(x − b_dec) + b_enc)), x̃ = W_dec z + b_dec on
        loss = FVU(x, x̃) + α_aux · AuxK   (Gao et al. 2024), atoms kept at unit norm, with Adam
        at an lr set by the planned number of steps (default_lr), warm-up and a final decay;
@@ -72,11 +73,14 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where to extract and train (cuda if available)")
+    runs.add_amp_flag(g, "the embedding extraction (the SAE itself trains in fp32)")
     g.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the SAE's "
                    "initialisation and the batch order")
     g.add_argument("--out", required=True, help="output folder (sae.safetensors, sae_config.json)")
     g.add_argument("--overwrite", action="store_true", help="replace an SAE already in --out")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.amp = runs.resolve_amp(args.amp, args.device)  # saved in sae_config.json's args
+    return args
 
 
 def add_training_args(p):
@@ -137,7 +141,7 @@ def zero_shot_embeddings(args):
     identity = model_identity(args.model, args.pretrained, args.force_quick_gelu or None)
     key = embedding_cache_key(identity, dataset, args.train_data, args.split, args.image_column,
                               args.label_column, args.max_samples, transform="eval",
-                              skip_bad=args.skip_bad_images)
+                              skip_bad=args.skip_bad_images, amp=args.amp)
 
     def compute():
         model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
@@ -145,7 +149,7 @@ def zero_shot_embeddings(args):
         loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
                              workers=args.workers, seed=args.seed, shard=True,  # torchrun
                              skip_bad=args.skip_bad_images)
-        h, labels = extract_embeddings(model, loader, args.device)
+        h, labels = extract_embeddings(model, loader, args.device, args.amp)
         return {"h": h, "labels": labels}
 
     cached = cached_embeddings(args.cache_dir, key, compute)

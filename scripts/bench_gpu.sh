@@ -6,6 +6,7 @@
 # Writes $OUT/bench_cuda.json (every number), $OUT/bench_cuda.md (the table of
 # docs/benchmarks.md) and $OUT/bench_cuda.log (progress, errors, nvidia-smi). Expected wall
 # time: ~3-4 minutes.
+# scripts/gpu_check.sh runs the same bench.py command after every stage, in one command.
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"

@@ -85,7 +85,7 @@ def notebook_json(cells, outputs=None):
             nb_cells.append(cell_json(kind, source, outputs.get(j, []), count))
         else:
             nb_cells.append(cell_json(kind, source))
-    return {"cells": nb_cells, "metadata": METADATA, "nbformat": 4, "nbformat_minor": 5}
+    return {"cells": nb_cells, "metadata": METADATA, "nbformat": 4, "nbformat_minor": 4}
 
 
 FIGURE = re.compile(r"^\[figure: (.+)\]$")   # how the tutorial names a figure outside Jupyter

@@ -7,8 +7,9 @@ dependency beyond the standard library.
 The script is the source of truth (it reads well in a diff); the notebook is made from it.
 Cells: a line `# %% [markdown]` starts a Markdown cell (its lines are comments, `# ` removed),
 a line `# %%` a code cell; a leading `# ---` … `# ---` header (jupytext's metadata) is no cell.
-These are the rules jupytext itself follows, so `jupytext --sync` on the pair gives the same
-cells; jupytext is not needed.
+These are the rules of jupytext's percent format (written from its documentation; not run
+against jupytext itself, which the environment lacks), so the pair stays openable with
+jupytext's `--sync` too; jupytext is not needed.
 
 --execute runs the code cells in order in this process (the way a kernel would: one shared
 namespace, the working directory the script's folder, matplotlib's Agg backend) and stores what

@@ -33,12 +33,13 @@
 # root: `python docs/tutorial.py` (or `make tutorial`); figures then go to `runs/tutorial/`.
 # The settings in the next cell can be overridden by environment variables
 # (`TUTORIAL_FT_EPOCHS=2 python docs/tutorial.py`); the test suite runs a smaller world that way.
-# With the defaults the whole notebook took **28 min 46 s** on this project's 2-core machine
-# while about seven other jobs shared it (load average ≈ 12; measured with
-# `time python scripts/notebook.py docs/tutorial.py docs/tutorial.ipynb --execute`, the toy
-# world already built). It runs the same stages as `make demo`, one after another, which the
-# README times at about 2 minutes on the idle machine; a laptop with its cores to itself should
-# be nearer that. The toy world is drawn once into `toy_world/` (the folder `make demo` uses).
+# With the defaults the whole notebook took **28 min 46 s** of wall time but only **3 min 46 s
+# of CPU time** (one thread) on this project's 2-core machine, while about seven other jobs
+# shared it (load average ≈ 12; `time python scripts/notebook.py docs/tutorial.py
+# docs/tutorial.ipynb --execute`, the toy world already built). With a core to itself, as on a
+# laptop, expect the wall time near the CPU time, about 4 minutes (an estimate: no idle machine
+# was there to measure it). The toy world is drawn once into `toy_world/` (the folder
+# `make demo` uses) and reused.
 #
 # Source of truth: `docs/tutorial.py` (jupytext percent format, reviewable in git);
 # `docs/tutorial.ipynb` is made from it, with the outputs of one run on the defaults, by

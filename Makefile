@@ -90,6 +90,17 @@ demo-report-%: demo-finetune-%
 	    --out $(DEMO)/report_$* --results $(DEMO)/interpret.jsonl > /dev/null
 
 # ---------------------------------------------------------------------------------------------
+# The tutorial (docs/tutorial.py; the same cells as docs/tutorial.ipynb): the paper's story on
+# the toy world, run as a plain script; figures and numbers go to runs/tutorial/. Its settings
+# are TUTORIAL_* environment variables (the script's settings cell). `make notebook` re-makes
+# docs/tutorial.ipynb from docs/tutorial.py, executing it on the defaults to keep the outputs.
+tutorial: .venv/installed
+	MPLBACKEND=Agg $(PY) docs/tutorial.py
+
+notebook: .venv/installed
+	$(PY) scripts/notebook.py docs/tutorial.py docs/tutorial.ipynb --execute
+
+# ---------------------------------------------------------------------------------------------
 # The ID–OOD frontier sweep (docs/toy-world.md: "When does SAE-FT beat L2?"): every method
 # as a curve over λ (WiSE-FT over α), 3 seeds, compared at matched ID accuracy. Resumable:
 # re-run the same command after a stop. `make frontier-ablations` sweeps the SAE-FT variants.
@@ -110,4 +121,5 @@ frontier-ablations: .venv/installed
 
 # demo-finetune-% and demo-report-% are not listed: make applies no pattern rule to a phony
 # target. No file has their names, so they run every time all the same.
-.PHONY: install test demo demo-run demo-world demo-sae demo-evaluate frontier frontier-ablations
+.PHONY: install test demo demo-run demo-world demo-sae demo-evaluate frontier frontier-ablations \
+        tutorial notebook

@@ -8,8 +8,8 @@ open_clip towers (no download) built as bench.py builds them, running the projec
   fine-tuning   finetune.finetune_step (bench.train_step, --accum-steps 1) for every
                 regulariser, the frozen zero-shot forward included; with --cache-zero-shot
                 (h0 read from a table: no frozen forward); `none` runs no frozen forward, as
-                finetune.py; each also with --grad-checkpointing (the forward recomputed in the
-                backward: what the GPU executes, though not model FLOPs)
+                finetune.py; none and sae-preserve also with --grad-checkpointing (the forward
+                recomputed in the backward: what the GPU executes, though not model FLOPs)
   evaluation    one image through the tower and the head (evaluate.py's embed + logits) and the
                 frozen SAE's encode (its drift metrics)
   SAE stage     the same tower forward per training image (train_sae.py embeds ImageNet train
@@ -59,6 +59,8 @@ IMAGENET_TRAIN = 1_281_167
 EVAL_SETS = {"imagenet": 50_000, "imagenet-v2": 10_000, "imagenet-r": 30_000,
              "imagenet-a": 7_500, "imagenet-sketch": 50_889, "objectnet": 18_574}
 WISE_ALPHAS = 11                     # α = 0, 0.1, …, 1 (evaluate.py --wise-alphas sweep)
+# Regularisers also counted with --grad-checkpointing (it adds the same tower forward to each).
+CKPT_REGS = ("none", "sae-preserve")
 # Fine-tuning rows of the printed recipe table (the JSON has every regulariser × mode).
 SHOWN = ("finetune none", "finetune l2", "finetune sae-preserve", "finetune sae-preserve+cache",
          "finetune none+ckpt", "finetune sae-preserve+ckpt")
@@ -149,7 +151,7 @@ def count_model(name, args):
         ctx = bench.SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=torch.device("cpu"),
                                     amp=False, idx=torch.arange(B), h0_cache=None)
         ctx.h0_cache = bench.embed_pair(ctx, x)[1]
-        for reg in losses.REGULARISERS:
+        for reg in losses.REGULARISERS if not ckpt else CKPT_REGS:
             modes = ["skip"] if reg == "none" else ["frozen", "cached"]
             for mode in modes:
                 key = reg + ("+cache" if mode == "cached" else "") + ("+ckpt" if ckpt else "")
@@ -225,8 +227,8 @@ def recipe(m, args, mfu):
     stages["eval per run (FT + 11 α)"] = (1 + WISE_ALPHAS) * eval_images * \
         m["eval"]["flops_per_image"]
     out = {k: {"flops": v, "gpu_hours": hours(v)} for k, v in stages.items()}
-    for ckpt in ("", "+ckpt"):
-        for reg in ("none", "l2", "sae-preserve"):
+    for ckpt, regs in (("", ("none", "l2", "sae-preserve")), ("+ckpt", CKPT_REGS)):
+        for reg in regs:
             total = (stages["sae_embed"] + stages["sae_train"] + stages[f"finetune {reg}{ckpt}"]
                      + stages["eval zero-shot"] + stages["eval per run (FT + 11 α)"])
             out[f"one {reg} run{ckpt}, all stages"] = {"flops": total, "gpu_hours": hours(total)}
@@ -256,9 +258,10 @@ def markdown(res):
         for key in t:
             if key.endswith("+ckpt"):
                 continue
+            ckpt = t.get(key + "+ckpt", {}).get("flops_per_image")
             L.append(f"| {key} | {t[key]['flops_per_image'] / 1e9:.2f} | "
                      f"{t[key]['flops_per_image'] / t['none']['flops_per_image']:.3f} | "
-                     f"{t[key + '+ckpt']['flops_per_image'] / 1e9:.2f} |")
+                     f"{'–' if ckpt is None else f'{ckpt / 1e9:.2f}'} |")
         r = res["recipe"][name]
         L += ["", f"| {name} recipe stage | PFLOP | GPU-hours at {hi:.0%} | at {lo:.0%} |",
               "|---|---|---|---|"]

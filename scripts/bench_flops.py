@@ -28,8 +28,10 @@ From the counts, the recipe in GPU-hours on one GPU of --peak-tflops at utilisat
   evaluation    the six ImageNet test sets (166,963 images) for zero-shot once and, per run,
                 FT + the 11-α WiSE-FT sweep (evaluate.py embeds each α again: 12 passes)
 
-Run (≈ 3 min on 2 cores; ViT-L/14 dominates):
-    python scripts/bench_flops.py --out results/flops.json
+Run (CPU; ViT-B/16 ≈ 18 min on a busy 2-core machine, ViT-L/14 ≈ 4× that per variant):
+    python scripts/bench_flops.py --models ViT-B-16 --out results/flops_vitb16.json
+    python scripts/bench_flops.py --models ViT-L-14 --regs none,l2,sae-preserve \
+        --out results/flops_vitl14.json
 Smoke run (what tests/test_bench_pipeline.py runs):
     python scripts/bench_flops.py --models tiny --batch-size 2 --out /tmp/flops.json
 """
@@ -73,6 +75,9 @@ def parse_args(argv=None):
                    "weights) or bench.py's tiny / small, comma-separated")
     p.add_argument("--batch-size", type=int, default=1, help="images per counted step (FLOPs "
                    "are linear in it: reported per image)")
+    p.add_argument("--regs", default=",".join(losses.REGULARISERS), help="regularisers to "
+                   "count, comma-separated (none is always counted; sae-preserve too, with "
+                   "--grad-checkpointing)")
     p.add_argument("--num-classes", type=int, default=1000, help="classes of the head")
     p.add_argument("--expansion", type=int, default=4, help="SAE latents n = expansion · d")
     p.add_argument("--k", type=int, default=32, help="SAE active latents")
@@ -144,6 +149,8 @@ def count_model(name, args):
     cfg = bench.model_cfg(name)
     B, out = args.batch_size, {"embed_dim": cfg["embed_dim"], "vision_cfg": cfg["vision_cfg"]}
     x, y = bench.make_batch(name, B, args.num_classes, torch.device("cpu"), args.seed)
+    regs = [r for r in losses.REGULARISERS
+            if r in {"none", "sae-preserve", *args.regs.split(",")}]
     train = {}
     for ckpt in (False, True):
         clf, f0, sae, opt = bench.build(name, args.num_classes, torch.device("cpu"), args.seed,
@@ -151,7 +158,7 @@ def count_model(name, args):
         ctx = bench.SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=torch.device("cpu"),
                                     amp=False, idx=torch.arange(B), h0_cache=None)
         ctx.h0_cache = bench.embed_pair(ctx, x)[1]
-        for reg in losses.REGULARISERS if not ckpt else CKPT_REGS:
+        for reg in regs if not ckpt else CKPT_REGS:
             modes = ["skip"] if reg == "none" else ["frozen", "cached"]
             for mode in modes:
                 key = reg + ("+cache" if mode == "cached" else "") + ("+ckpt" if ckpt else "")
@@ -228,7 +235,7 @@ def recipe(m, args, mfu):
         m["eval"]["flops_per_image"]
     out = {k: {"flops": v, "gpu_hours": hours(v)} for k, v in stages.items()}
     for ckpt, regs in (("", ("none", "l2", "sae-preserve")), ("+ckpt", CKPT_REGS)):
-        for reg in regs:
+        for reg in [r for r in regs if f"finetune {r}{ckpt}" in stages]:
             total = (stages["sae_embed"] + stages["sae_train"] + stages[f"finetune {reg}{ckpt}"]
                      + stages["eval zero-shot"] + stages["eval per run (FT + 11 α)"])
             out[f"one {reg} run{ckpt}, all stages"] = {"flops": total, "gpu_hours": hours(total)}
@@ -295,14 +302,18 @@ def flops(argv):
         print(f"bench_flops: {name}", file=sys.stderr, flush=True)
         res["models"][name] = count_model(name, args)
         res["recipe"][name] = recipe(res["models"][name], args, mfu)
-    res["wall_s"] = time.time() - t0
+        res["wall_s"] = time.time() - t0
+        if args.out:                                  # after each model: a stop keeps the rest
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            runs.atomic_write(args.out, lambda tmp: write_json(tmp, res))
+            print(f"wrote {args.out} ({res['wall_s']:.0f} s)", file=sys.stderr)
     print(markdown(res))
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-        print(f"wrote {args.out} ({res['wall_s']:.0f} s)", file=sys.stderr)
     return res
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
 
 
 def main(argv=None):

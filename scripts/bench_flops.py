@@ -15,9 +15,9 @@ open_clip towers (no download) built as bench.py builds them, running the projec
   SAE stage     the same tower forward per training image (train_sae.py embeds ImageNet train
                 once, eval preprocessing), then train_sae.sae_step per sample (with AuxK running)
 nn.MultiheadAttention's fused inference fast path is turned off while counting (the counter
-cannot see into it). On CPU open_clip's attention runs aten._scaled_dot_product_flash_attention_for_cpu, which the
-counter does not know: it is counted here with the counter's own formulas for the CUDA flash
-kernels (forward 2 matmuls; backward 5, the scores recomputed), so the totals are what the
+cannot see into it). On CPU open_clip's attention runs
+aten._scaled_dot_product_flash_attention_for_cpu, which the counter does not know: it is
+counted here with the counter's own formulas for the CUDA flash kernels (forward 2 matmuls; backward 5, the scores recomputed), so the totals are what the
 counter reports on a GPU.
 
 From the counts, the recipe in GPU-hours on one GPU of --peak-tflops at utilisation --mfu

@@ -23,8 +23,9 @@ rate is what one core delivers and barely moves when other processes share the m
 rate includes worker start-up and any waiting. The loader's CPU rate per worker is compared with
 both floors (× decode + resize, × decode + transform).
 
-Run (≈ 3 min on a quiet 2-core machine; the images are generated once into --data):
-    python scripts/bench_loader.py --out results/bench_loader.json
+Run (what made results/bench_loader.json: 21 min on a 2-core machine other jobs shared; the
+images are generated once into --data, ≈ 0.1 s each):
+    python scripts/bench_loader.py --images 1000 --rounds 2 --out results/bench_loader.json
 Smoke run (what tests/test_bench_pipeline.py runs):
     python scripts/bench_loader.py --images 16 --width 96 --height 72 --size 32 \
         --batch-size 4 --workers 0,1 --rounds 1 --data /tmp/bl --out /tmp/bl.json

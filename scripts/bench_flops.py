@@ -28,7 +28,8 @@ From the counts, the recipe in GPU-hours on one GPU of --peak-tflops at utilisat
   evaluation    the six ImageNet test sets (166,963 images) for zero-shot once and, per run,
                 FT + the 11-α WiSE-FT sweep (evaluate.py embeds each α again: 12 passes)
 
-Run (CPU; ViT-B/16 ≈ 18 min on a busy 2-core machine, ViT-L/14 ≈ 4× that per variant):
+Run (what made the results: ViT-B/16 12 min, ViT-L/14 with three regularisers 17 min, on a
+2-core machine other jobs shared):
     python scripts/bench_flops.py --models ViT-B-16 --out results/flops_vitb16.json
     python scripts/bench_flops.py --models ViT-L-14 --regs none,l2,sae-preserve \
         --out results/flops_vitl14.json

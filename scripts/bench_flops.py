@@ -34,7 +34,7 @@ Run (what made the results: ViT-B/16 12 min, ViT-L/14 with three regularisers 17
     python scripts/bench_flops.py --models ViT-L-14 --regs none,l2,sae-preserve \
         --out results/flops_vitl14.json
 Smoke run (what tests/test_bench_pipeline.py runs):
-    python scripts/bench_flops.py --models tiny --batch-size 2 --out /tmp/flops.json
+    python scripts/bench_flops.py --models tiny --sae-batch-size 32 --out /tmp/flops.json
 """
 import argparse
 import json

@@ -27,8 +27,8 @@ Run (what made results/bench_loader.json: 21 min on a 2-core machine other jobs 
 images are generated once into --data, ≈ 0.1 s each):
     python scripts/bench_loader.py --images 1000 --rounds 2 --out results/bench_loader.json
 Smoke run (what tests/test_bench_pipeline.py runs):
-    python scripts/bench_loader.py --images 16 --width 96 --height 72 --size 32 \
-        --batch-size 4 --workers 0,1 --rounds 1 --data /tmp/bl --out /tmp/bl.json
+    python scripts/bench_loader.py --images 8 --width 64 --height 48 --size 32 \
+        --batch-size 4 --workers 0,1 --rounds 2 --data /tmp/bl --out /tmp/bl.json
 """
 import argparse
 import gc

@@ -410,7 +410,7 @@ KEY["counts"] = {m: rec["counts"] for m, rec in ranking.items()}
 
 # %% [markdown]
 # **The corner-mark feature?** The feature standard fine-tuning adds on the most test images
-# is the README's candidate for the spurious cue (there, on seed 0, #136: its top test images
+# is the natural candidate for the spurious cue (on seed 0 it is #136, and its top test images
 # carry their class's mark colour). On the ID test that is weak evidence — 90 % of all test
 # images carry their class's colour. `ood_nocue` separates the two: the mark's colour is random
 # there, so a feature that follows the mark fires by mark colour, one that follows the shape

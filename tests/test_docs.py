@@ -208,7 +208,7 @@ def accepted_flags(script):
                         {cmd: getattr(module, fn) for cmd, fn in module.COMMANDS.items()})
             _FLAGS[script] = {cmd: option_strings(built_parser(build, []))
                               for cmd, build in builders.items()}
-        elif script == "scripts/world_premises.py":
+        elif script in ("scripts/world_premises.py", "scripts/notebook.py"):
             _FLAGS[script] = {None: option_strings(built_parser(load_script(script).main))}
         elif "/" not in script and (ROOT / script).exists() and \
                 hasattr(importlib.import_module(name), "parse_args"):

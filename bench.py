@@ -119,6 +119,9 @@ def parse_args(argv=None):
                    "comparison (default: 64 on CUDA, --batch-size on CPU)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps per memory probe")
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    p.add_argument("--mem-configs", default="fp32,fp32+ckpt,bf16,bf16+ckpt", help="the memory "
+                   "probes to run, comma-separated (bf16 ones only where bf16 is native); e.g. "
+                   "fp32+ckpt,bf16+ckpt for a batch whose no-checkpointing peak would not fit")
     p.add_argument("--sae-d", type=int, default=512, help="SAE training: embedding width d "
                    "(512 = ViT-B's)")
     p.add_argument("--expansion", type=int, default=4, help="SAE latents n = expansion · d "
@@ -164,6 +167,10 @@ def resolve_defaults(args):
     if unknown:
         raise UserError(f"unknown regulariser(s) {unknown}; choose from "
                          f"{', '.join(losses.REGULARISERS)}")
+    configs = ("fp32", "fp32+ckpt", "bf16", "bf16+ckpt")
+    bad = [c for c in args.mem_configs.split(",") if c not in configs]
+    if bad:
+        raise UserError(f"unknown --mem-configs {bad}; choose from {', '.join(configs)}")
     return args
 
 
@@ -440,9 +447,11 @@ def measure_memory(args, device):
     """{config: probe result} for fp32 / bf16 (where native) × without / with grad ckpt."""
     # bf16 autocast runs on any device (--amp), but is measured only where it is native
     dtypes = ["fp32"] + (["bf16"] if bf16_supported(device) else [])
-    results = {}
+    wanted, results = args.mem_configs.split(","), {}
     for dtype in dtypes:
         for ckpt in (False, True):
+            if dtype + ("+ckpt" if ckpt else "") not in wanted:
+                continue
             s = {"device": str(device), "model": args.model, "num_classes": args.num_classes,
                  "seed": args.seed, "batch_size": args.mem_batch_size, "steps": args.mem_steps,
                  "bf16": dtype == "bf16", "ckpt": ckpt, "threads": torch.get_num_threads(),

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parents[1]  # the repository root
 TINY = ["--model", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
         "--mem-steps", "2", "--sae-d", "32", "--sae-batch-size", "64", "--sae-steps", "2",
@@ -63,3 +65,16 @@ def test_bench_runs_and_reports_every_number(tmp_path):
     assert len(res["targets"]) == 4
     assert all(t["status"].startswith(("PASS", "MISS", "n/a")) for t in res["targets"])
     assert res["targets"][2]["status"].startswith("n/a")
+
+
+def test_mem_configs_pick_the_probes_and_refuse_unknown_ones():
+    """--mem-configs picks which memory probes run (a big batch whose no-checkpointing peak
+    would not fit); an unknown name is one `error:` line before any work."""
+    import bench
+    from runs import UserError
+    args = bench.resolve_defaults(bench.parse_args(["--model", "tiny", "--mem-configs",
+                                                    "fp32+ckpt,bf16+ckpt"]))
+    assert args.mem_configs.split(",") == ["fp32+ckpt", "bf16+ckpt"]
+    with pytest.raises(UserError, match=r"unknown --mem-configs \['bf32'\]"):
+        bench.resolve_defaults(bench.parse_args(["--model", "tiny",
+                                                 "--mem-configs", "fp32,bf32"]))

@@ -10,6 +10,7 @@ Two launches of 2 processes (each costs ~10–15 s of imports on a busy machine)
                 it saw to files the tests below read.
 The one-process references run in this process.
 """
+import itertools
 import json
 import os
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 import evaluate
@@ -97,16 +99,19 @@ def free_port():
 @pytest.fixture(scope="module")
 def spawned(paths, one_process):
     """2 processes (torch.multiprocessing) through every phase of `phases`."""
-    torch.multiprocessing.spawn(phases, args=(free_port(), paths, one_process), nprocs=2)
+    ports = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # any free port
+    torch.multiprocessing.spawn(phases, args=(ports.port, paths, one_process), nprocs=2)
     return paths["tmp"] / "spawned"
 
 
-def phases(rank, port, p, one_run):
+def phases(rank, ports_port, p, one_run):
     """What each of the 2 spawned processes runs (as torchrun would start it)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TQDM_DISABLE="1")
+                      MASTER_ADDR="127.0.0.1", TQDM_DISABLE="1")
     torch.set_num_threads(1)
     runs.DIST_TIMEOUT = timedelta(seconds=120)   # a lost peer must end the test, not hang it
+    a_port_per_join(dist.TCPStore("127.0.0.1", ports_port, is_master=False,
+                                  timeout=runs.DIST_TIMEOUT), rank)
     out, seen = p["tmp"] / "spawned", {}
     out.mkdir(exist_ok=True)
     run = ft_args(p["clip"], p["data"], p["sae"], 4)
@@ -138,6 +143,31 @@ def phases(rank, port, p, one_run):
     if rank == 0:
         seen["lost"] = error_of(finetune.main, [*run, "--out", str(out / "lost")])
     (out / f"seen{rank}.json").write_text(json.dumps(seen))
+
+
+def a_port_per_join(ports, rank):
+    """Each time `phases` joins a process group (six times), a MASTER_PORT of its own:
+    rank 0 picks a free one just before it joins and hands it to rank 1 through the store
+    `ports` (the parent's).
+
+    One port for all six joins failed now and then (a spawn error in this fixture): rank 0
+    hosts each join's TCPStore server on MASTER_PORT, and a rank that left a group a moment
+    before rank 0 and joined the next one reached the previous group's server, still up on
+    rank 0 (it lingers after destroy_process_group while anything holds the group, such as a
+    DDP model). Then the join timed out ("1/2 clients joined"), or read the previous group's
+    gloo addresses (TCPStore is multi-tenant: rank 0's next join reuses a live server, keys
+    and all, and the key names repeat) and failed with "Connection refused". A torchrun
+    process joins once, so the stages themselves never meet this."""
+    join, joins = runs.dist_init, itertools.count()
+
+    def dist_init(device):
+        if not dist.is_initialized():              # (already joined: dist_init does nothing)
+            key = f"join {next(joins)}"
+            if rank == 0:
+                ports.set(key, str(free_port()))
+            os.environ["MASTER_PORT"] = ports.get(key).decode()
+        return join(device)
+    runs.dist_init = dist_init                     # the stages call runs.dist_init
 
 
 def error_of(main, argv):

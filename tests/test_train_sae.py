@@ -177,3 +177,49 @@ def test_bench_sae_bad_input_is_a_user_error(change, message):
         bench_sae.main(["--d", "8", "--atoms", "8", "--active", "2", "--k", "2", "--n-train",
                         "64", "--n-val", "16", "--batch-size", "32", "--epochs", "1", "--quiet",
                         *change])
+
+
+TINY_BENCH = ["--d", "8", "--atoms", "8", "--active", "2", "--k", "2", "--n-train", "64",
+              "--n-val", "16", "--batch-size", "32", "--epochs", "2", "--quiet"]
+
+
+def test_bench_sae_results_file_resumes_and_keeps_each_seed(tmp_path):
+    """--results appends one line per (trainer, k, seed) as it finishes; a re-run with more
+    seeds trains only the new one and leaves the finished lines as they were; each seed's run
+    is the run `--seed s` alone makes (so a resumed sweep equals an uninterrupted one)."""
+    import bench_sae
+    path = tmp_path / "runs.jsonl"
+    first = bench_sae.main(TINY_BENCH + ["--seed", "0", "1", "--results", str(path)])
+    lines = path.read_text().splitlines()
+    assert [(r["trainer"], r["k"], r["seed"]) for r in map(json.loads, lines)] == \
+        [("this project", 2, 0), ("this project", 2, 1)]
+    assert first[0]["fvu"] != first[1]["fvu"]                   # the seed reached the SAE
+    again = bench_sae.main(TINY_BENCH + ["--seed", "0", "1", "2", "--results", str(path)])
+    assert [r["seed"] for r in again] == [2]
+    assert path.read_text().splitlines()[:2] == lines
+    alone = bench_sae.main(TINY_BENCH + ["--seed", "2"])
+    assert again[0]["fvu"] == alone[0]["fvu"] and again[0]["dead_fraction"] == \
+        alone[0]["dead_fraction"]
+
+
+def test_bench_sae_results_file_of_other_settings_is_a_user_error(tmp_path):
+    """A results file is one sweep: resuming it with other settings names the flag that
+    differs instead of mixing two sweeps in one mean ± std."""
+    import bench_sae
+    from data import UserError
+    path = tmp_path / "runs.jsonl"
+    bench_sae.main(TINY_BENCH + ["--results", str(path)])
+    with pytest.raises(UserError, match=r"other settings \(differing: epochs\)"):
+        bench_sae.main(TINY_BENCH + ["--epochs", "3", "--results", str(path)])
+    bench_sae.main(TINY_BENCH + ["--k", "1", "--seed", "4", "--results", str(path)])  # same sweep
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_bench_sae_summary_is_mean_and_sample_std_over_seeds():
+    import bench_sae
+    rows = [{"trainer": "SAELens", "k": 8, "steps": 6, "fvu": f, "dead_fraction": d,
+             "recovered": 0.5, "wall_s": 10.0, "ms_per_step": 3.0}
+            for f, d in ((0.1, 0.01), (0.2, 0.03))]
+    line = bench_sae.summary(rows).splitlines()[2]
+    assert line == ("| SAELens | 8 | 2 | 6 | 0.150 ± 0.071 | 2.0 ± 1.4 % | 50.0 ± 0.0 % | "
+                    "10 ± 0 | 3 ± 0 |")

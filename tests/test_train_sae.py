@@ -91,6 +91,7 @@ def planted_run(*extra):
     """Train at the defaults (plus `extra` flags) on a small planted dictionary → result dict."""
     import bench_sae
     args = bench_sae.parse_args(PLANTED + list(map(str, extra)))
+    args.seed = args.seed[0]                                # train_ours trains one seed
     h, A = bench_sae.planted_dictionary(args.d, args.atoms, args.active,
                                         args.n_train + args.n_val, seed=args.data_seed)
     logs = []
@@ -223,3 +224,13 @@ def test_bench_sae_summary_is_mean_and_sample_std_over_seeds():
     line = bench_sae.summary(rows).splitlines()[2]
     assert line == ("| SAELens | 8 | 2 | 6 | 0.150 ± 0.071 | 2.0 ± 1.4 % | 50.0 ± 0.0 % | "
                     "10 ± 0 | 3 ± 0 |")
+
+
+def test_default_dead_window_is_sixteen_mean_gaps_at_most_one_epoch():
+    """A latent fires on k/n of the samples on average; it is dead (AuxK trains it) after 16
+    such mean gaps without firing, or one epoch when that is shorter."""
+    from train_sae import default_dead_samples
+    assert default_dead_samples(40960, 2048, 8) == 4096          # bench_sae.py full size, k = 8
+    assert default_dead_samples(1_281_167, 2048, 32) == 1024     # the ImageNet recipe
+    assert default_dead_samples(3000, 2048, 8) == 3000           # capped at one epoch
+    assert default_dead_samples(10, 64, 64) == 10 and default_dead_samples(1, 4, 4) == 1

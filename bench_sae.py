@@ -16,8 +16,10 @@ and scored on held-out samples:
     recovered  fraction of planted atoms a_j with max_i cos(a_j, W_dec[:, i]) > 0.9
 
 `--saelens` also trains SAELens's TopK training SAE with its own trainer (SAETrainer) on the same
-batches in the same order, with the same lr, schedule, batch size, steps and dead-latent window
-(one epoch), and prints both side by side. sae-lens is an optional extra: `pip install sae-lens`.
+batches in the same order, with the same lr, schedule, batch size and steps, and a dead-latent
+window of one epoch (its own default, 1000 steps, outlasts these runs; ours is
+train_sae.default_dead_samples, 16·n/k samples), and prints both side by side. sae-lens is an
+optional extra: `pip install sae-lens`.
 
 Several --k and --seed train one SAE per (trainer, k, seed). With `--results runs.jsonl` each
 finished run is appended there as one JSON line at once, and a re-run skips the runs the file
@@ -28,12 +30,13 @@ a sweep (e.g. SAELens in its own venv).
 The README's comparison (d = 256, 300 steps per SAE; ≈ 1 CPU-minute per SAE on an idle core):
     python bench_sae.py --d 256 --atoms 1024 --active 16 --n-train 30720 --n-val 5120 \
         --batch-size 1024 --epochs 10 --k 16 4 --saelens --out results/bench_sae_saelens.json
-The full-size world (d = 512, 2048 atoms, 32 active, n = 2048), three seeds, batch 1024, 600 steps
-per SAE, resumable; the two trainers in two processes (≈ 10 min per SAE on one shared CPU core):
-    python bench_sae.py --k 8 32 --seed 0 1 2 --batch-size 1024 --epochs 10 --trainers ours \
-        --results results/bench_sae_full.jsonl
-    python bench_sae.py --k 8 32 --seed 0 1 2 --batch-size 1024 --epochs 10 --trainers saelens \
-        --results results/bench_sae_full.jsonl
+The full-size world (d = 512, 2048 atoms, 32 active, n = 2048), three seeds, batch 1024, 400 steps
+per SAE, resumable; the two trainers in two processes (20–35 min per SAE on one thread of a
+shared 2-core machine, load 6–15; 400 ms/step on a quiet one):
+    python bench_sae.py --k 8 32 --seed 0 1 2 --n-train 40960 --batch-size 1024 --epochs 10 \
+        --trainers ours --results results/bench_sae_full.jsonl
+    python bench_sae.py --k 8 32 --seed 0 1 2 --n-train 40960 --batch-size 1024 --epochs 10 \
+        --trainers saelens --results results/bench_sae_full.jsonl
 A quick look (d = 32, seconds; what test_train_sae.py runs, smaller):
     python bench_sae.py --d 32 --atoms 64 --active 4 --n-train 4096 --n-val 1024 --k 4 \
         --expansion 2 --batch-size 256 --epochs 20
@@ -188,7 +191,7 @@ class SAELensAdapter:
 
 def train_saelens(h_train, h_val, A, k, args):
     """SAELens's TopKTrainingSAE (its defaults) trained by its SAETrainer on our batches, in our
-    order, with our lr, warm-up, decay and dead-latent window (one epoch)."""
+    order, with our lr, warm-up and decay, and a dead-latent window of one epoch."""
     require_saelens()
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig

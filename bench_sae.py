@@ -16,14 +16,27 @@ and scored on held-out samples:
     recovered  fraction of planted atoms a_j with max_i cos(a_j, W_dec[:, i]) > 0.9
 
 `--saelens` also trains SAELens's TopK training SAE with its own trainer (SAETrainer) on the same
-batches in the same order, with the same lr, schedule, batch size, steps and dead-latent window
-(one epoch), and prints both side by side. sae-lens is an optional extra: `pip install sae-lens`.
+batches in the same order, with the same lr, schedule, batch size and steps, and a dead-latent
+window of one epoch (its own default, 1000 steps, outlasts these runs; ours is
+train_sae.default_dead_samples, 16·n/k samples), and prints both side by side. sae-lens is an
+optional extra: `pip install sae-lens`.
+
+Several --k and --seed train one SAE per (trainer, k, seed). With `--results runs.jsonl` each
+finished run is appended there as one JSON line at once, and a re-run skips the runs the file
+already holds (a stopped sweep loses one run, not the sweep), then prints mean ± std over the
+seeds of every run in the file. `--trainers` picks the trainers, so that two processes can share
+a sweep (e.g. SAELens in its own venv).
 
 The comparison in docs/benchmarks.md (d = 256, 300 steps per SAE; ≈ 1 CPU-minute per SAE on an idle core):
     python bench_sae.py --d 256 --atoms 1024 --active 16 --n-train 30720 --n-val 5120 \
         --batch-size 1024 --epochs 10 --k 16 4 --saelens --out results/bench_sae_saelens.json
-The full-size world (d = 512, 2048 atoms, 32 active, n = 2048; 600 steps of 4096 per SAE):
-    python bench_sae.py --k 32 8 --epochs 40 --saelens
+The full-size world (d = 512, 2048 atoms, 32 active, n = 2048), three seeds, batch 1024, 400 steps
+per SAE, resumable; the two trainers in two processes (20–35 min per SAE on one thread of a
+shared 2-core machine, load 6–15; 400 ms/step on a quiet one):
+    python bench_sae.py --k 8 32 --seed 0 1 2 --n-train 40960 --batch-size 1024 --epochs 10 \
+        --trainers ours --results results/bench_sae_full.jsonl
+    python bench_sae.py --k 8 32 --seed 0 1 2 --n-train 40960 --batch-size 1024 --epochs 10 \
+        --trainers saelens --results results/bench_sae_full.jsonl
 A quick look (d = 32, seconds; what test_train_sae.py runs, smaller):
     python bench_sae.py --d 32 --atoms 64 --active 4 --n-train 4096 --n-val 1024 --k 4 \
         --expansion 2 --batch-size 256 --epochs 20
@@ -45,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import train_sae  # noqa: E402  (the real training loop and step)
 from data import UserError  # noqa: E402
+from runs import append_jsonl, read_jsonl  # noqa: E402
 from sae import SAEOutput, TopKSAE  # noqa: E402
 
 
@@ -66,9 +80,15 @@ def parse_args(argv=None):
             action.nargs, action.help = "+", "active latents per sample (TopK); several: one " \
                                              "SAE each"
     g = p.add_argument_group("run")
+    g.add_argument("--trainers", nargs="+", choices=TRAINERS, default=["ours"],
+                   help="which trainers: ours (train_sae.fit) and/or saelens (SAELens's "
+                   "SAETrainer; needs `pip install sae-lens`)")
     g.add_argument("--saelens", action="store_true", help="also train SAELens's TopK SAE with "
-                   "its own trainer on the same batches (needs `pip install sae-lens`)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the SAE init and batch order")
+                   "its own trainer on the same batches (= adding saelens to --trainers)")
+    g.add_argument("--seed", type=int, nargs="+", default=[0], help="seed of the SAE init and "
+                   "batch order; several: one SAE each")
+    g.add_argument("--results", default=None, help="JSON-lines file: append each finished run, "
+                   "skip the runs it already holds (resume), print mean ± std over its seeds")
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--quiet", action="store_true", help="print only the table")
@@ -80,7 +100,34 @@ def parse_args(argv=None):
     for k in args.k:
         if not 1 <= k <= args.expansion * args.d:
             raise UserError(f"--k {k} must be in 1..expansion·d = {args.expansion * args.d}")
+    if args.saelens and "saelens" not in args.trainers:
+        args.trainers = args.trainers + ["saelens"]
     return args
+
+
+TRAINERS = {"ours": "this project", "saelens": "SAELens"}     # --trainers name → table name
+RUN_KEYS = ("trainers", "saelens", "k", "seed", "threads", "device", "quiet", "out", "results")
+
+
+def settings(args):
+    """What makes two runs of one (trainer, k, seed) the same run: every flag but the run's."""
+    return {key: v for key, v in vars(args).items() if key not in RUN_KEYS}
+
+
+def finished_runs(path, args):
+    """{(trainer, k, seed)} of the runs `path` holds; a UserError when it holds runs made with
+    other settings (a results file is one sweep, so its mean ± std mixes nothing)."""
+    done = set()
+    for i, r in enumerate(read_jsonl(path, missing_ok=True)):
+        if r.get("settings") != settings(args):
+            other = r.get("settings") or {}
+            diff = sorted(key for key in {**other, **settings(args)}
+                          if other.get(key) != settings(args).get(key))
+            raise UserError(f"{path} line {i + 1} was made with other settings (differing: "
+                            f"{', '.join(diff)}); pass the same settings to resume it, or "
+                            "another --results file")
+        done.add((r["trainer"], r["k"], r["seed"]))
+    return done
 
 
 @torch.no_grad()
@@ -144,7 +191,7 @@ class SAELensAdapter:
 
 def train_saelens(h_train, h_val, A, k, args):
     """SAELens's TopKTrainingSAE (its defaults) trained by its SAETrainer on our batches, in our
-    order, with our lr, warm-up, decay and dead-latent window (one epoch)."""
+    order, with our lr, warm-up and decay, and a dead-latent window of one epoch."""
     require_saelens()
     from sae_lens import LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
@@ -219,43 +266,80 @@ def interleaved_step_ms(h_train, k, dead_fraction, args, rounds=10):
 
 def table(results):
     """Markdown table; ms/step (in turn) is the interleaved measurement (--saelens only)."""
-    lines = ["| trainer | k | steps | lr | held-out FVU | dead (held-out) | L0 | atoms recovered "
-             "(cos > 0.9) | mean best cos | ms/step (run) | ms/step (in turn) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| trainer | k | seed | steps | lr | held-out FVU | dead (held-out) | L0 | atoms "
+             "recovered (cos > 0.9) | mean best cos | ms/step (run) | ms/step (in turn) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         turn = r.get("ms_per_step_interleaved")
-        lines.append(f"| {r['trainer']} | {r['k']} | {r['steps']} | {r['lr']:.2e} | "
+        lines.append(f"| {r['trainer']} | {r['k']} | {r['seed']} | {r['steps']} | {r['lr']:.2e} | "
                      f"{r['fvu']:.3f} | {100 * r['dead_fraction']:.1f}% | {r['l0']:.1f} | "
                      f"{100 * r['recovered']:.1f}% | {r['best_cos']:.3f} | "
                      f"{r['ms_per_step']:.0f} | {'–' if turn is None else f'{turn:.0f}'} |")
     return "\n".join(lines)
 
 
+def mean_std(values, fmt=".3f"):
+    """'m ± s' over seeds (s: the sample std); the value alone for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def summary(results):
+    """Markdown table: mean ± std over the seeds of each (trainer, k), larger k first."""
+    lines = ["| trainer | k | seeds | steps | held-out FVU | dead (held-out) | atoms recovered "
+             "(cos > 0.9) | wall s per SAE | ms/step (run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["trainer"], r["k"]), []).append(r)
+    for (trainer, k), rs in sorted(groups.items(), key=lambda g: (-g[0][1], g[0][0])):
+        def col(key, fmt=".3f", scale=1.0):
+            return mean_std([scale * r[key] for r in rs], fmt)
+        lines.append(f"| {trainer} | {k} | {len(rs)} | {rs[0]['steps']} | {col('fvu')} | "
+                     f"{col('dead_fraction', '.1f', 100)} % | {col('recovered', '.1f', 100)} % | "
+                     f"{col('wall_s', '.0f')} | {col('ms_per_step', '.0f')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.saelens:
+    if "saelens" in args.trainers:
         require_saelens()                      # before any training, not after ours
+    done = finished_runs(args.results, args) if args.results else set()
     torch.set_num_threads(args.threads)
     h, A = planted_dictionary(args.d, args.atoms, args.active, args.n_train + args.n_val,
                               args.zipf, args.noise, args.data_seed)
     h = h.to(args.device)
     h_train, h_val = h[:args.n_train], h[args.n_train:]
     steps = args.epochs * math.ceil(args.n_train / args.batch_size)
-    trainers = [("this project", train_ours)] + (
-        [("SAELens", train_saelens)] if args.saelens else [])
+    train = {"ours": train_ours, "saelens": train_saelens}
     results = []
     for k in args.k:
-        for name, train in trainers:
-            r = train(h_train, h_val, A, k, args)
-            results.append({"trainer": name, "k": k, "steps": steps, **r})
-            if not args.quiet:
-                print(table(results[-1:]))
-        if args.saelens:                       # step time again, both in turn (fair on load)
-            dead = results[-2]["dead_fraction_train"]
-            for name, ms in interleaved_step_ms(h_train, k, dead, args).items():
-                next(r for r in results[-2:] if r["trainer"] == name)["ms_per_step_interleaved"] \
-                    = ms
+        for seed in args.seed:
+            fresh = []
+            for key in args.trainers:
+                name = TRAINERS[key]
+                if (name, k, seed) in done:
+                    continue
+                r = train[key](h_train, h_val, A, k, SimpleNamespace(**{**vars(args),
+                                                                        "seed": seed}))
+                r = {"trainer": name, "k": k, "seed": seed, "steps": steps, **r}
+                if args.results:               # at once: a stopped sweep loses one run
+                    append_jsonl(args.results, {**r, "settings": settings(args)})
+                fresh.append(r)
+                if not args.quiet:
+                    print(table(fresh[-1:]))
+            if len(fresh) == 2 and not args.results:   # step time again, both in turn (fair)
+                ours = next(r for r in fresh if r["trainer"] == TRAINERS["ours"])
+                turn = interleaved_step_ms(h_train, k, ours["dead_fraction_train"],
+                                           SimpleNamespace(**{**vars(args), "seed": seed}))
+                for r in fresh:
+                    r["ms_per_step_interleaved"] = turn[r["trainer"]]
+            results += fresh
     print(table(results))
+    if args.results:
+        print(summary(read_jsonl(args.results)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))

@@ -91,6 +91,7 @@ def planted_run(*extra):
     """Train at the defaults (plus `extra` flags) on a small planted dictionary → result dict."""
     import bench_sae
     args = bench_sae.parse_args(PLANTED + list(map(str, extra)))
+    args.seed = args.seed[0]                                # train_ours trains one seed
     h, A = bench_sae.planted_dictionary(args.d, args.atoms, args.active,
                                         args.n_train + args.n_val, seed=args.data_seed)
     logs = []
@@ -177,3 +178,59 @@ def test_bench_sae_bad_input_is_a_user_error(change, message):
         bench_sae.main(["--d", "8", "--atoms", "8", "--active", "2", "--k", "2", "--n-train",
                         "64", "--n-val", "16", "--batch-size", "32", "--epochs", "1", "--quiet",
                         *change])
+
+
+TINY_BENCH = ["--d", "8", "--atoms", "8", "--active", "2", "--k", "2", "--n-train", "64",
+              "--n-val", "16", "--batch-size", "32", "--epochs", "2", "--quiet"]
+
+
+def test_bench_sae_results_file_resumes_and_keeps_each_seed(tmp_path):
+    """--results appends one line per (trainer, k, seed) as it finishes; a re-run with more
+    seeds trains only the new one and leaves the finished lines as they were; each seed's run
+    is the run `--seed s` alone makes (so a resumed sweep equals an uninterrupted one)."""
+    import bench_sae
+    path = tmp_path / "runs.jsonl"
+    first = bench_sae.main(TINY_BENCH + ["--seed", "0", "1", "--results", str(path)])
+    lines = path.read_text().splitlines()
+    assert [(r["trainer"], r["k"], r["seed"]) for r in map(json.loads, lines)] == \
+        [("this project", 2, 0), ("this project", 2, 1)]
+    assert first[0]["fvu"] != first[1]["fvu"]                   # the seed reached the SAE
+    again = bench_sae.main(TINY_BENCH + ["--seed", "0", "1", "2", "--results", str(path)])
+    assert [r["seed"] for r in again] == [2]
+    assert path.read_text().splitlines()[:2] == lines
+    alone = bench_sae.main(TINY_BENCH + ["--seed", "2"])
+    assert again[0]["fvu"] == alone[0]["fvu"] and again[0]["dead_fraction"] == \
+        alone[0]["dead_fraction"]
+
+
+def test_bench_sae_results_file_of_other_settings_is_a_user_error(tmp_path):
+    """A results file is one sweep: resuming it with other settings names the flag that
+    differs instead of mixing two sweeps in one mean ± std."""
+    import bench_sae
+    from data import UserError
+    path = tmp_path / "runs.jsonl"
+    bench_sae.main(TINY_BENCH + ["--results", str(path)])
+    with pytest.raises(UserError, match=r"other settings \(differing: epochs\)"):
+        bench_sae.main(TINY_BENCH + ["--epochs", "3", "--results", str(path)])
+    bench_sae.main(TINY_BENCH + ["--k", "1", "--seed", "4", "--results", str(path)])  # same sweep
+    assert len(path.read_text().splitlines()) == 2
+
+
+def test_bench_sae_summary_is_mean_and_sample_std_over_seeds():
+    import bench_sae
+    rows = [{"trainer": "SAELens", "k": 8, "steps": 6, "fvu": f, "dead_fraction": d,
+             "recovered": 0.5, "wall_s": 10.0, "ms_per_step": 3.0}
+            for f, d in ((0.1, 0.01), (0.2, 0.03))]
+    line = bench_sae.summary(rows).splitlines()[2]
+    assert line == ("| SAELens | 8 | 2 | 6 | 0.150 ± 0.071 | 2.0 ± 1.4 % | 50.0 ± 0.0 % | "
+                    "10 ± 0 | 3 ± 0 |")
+
+
+def test_default_dead_window_is_sixteen_mean_gaps_at_most_one_epoch():
+    """A latent fires on k/n of the samples on average; it is dead (AuxK trains it) after 16
+    such mean gaps without firing, or one epoch when that is shorter."""
+    from train_sae import default_dead_samples
+    assert default_dead_samples(40960, 2048, 8) == 4096          # bench_sae.py full size, k = 8
+    assert default_dead_samples(1_281_167, 2048, 32) == 1024     # the ImageNet recipe
+    assert default_dead_samples(3000, 2048, 8) == 3000           # capped at one epoch
+    assert default_dead_samples(10, 64, 64) == 10 and default_dead_samples(1, 4, 4) == 1

@@ -208,8 +208,12 @@ def accepted_flags(script):
                         {cmd: getattr(module, fn) for cmd, fn in module.COMMANDS.items()})
             _FLAGS[script] = {cmd: option_strings(built_parser(build, []))
                               for cmd, build in builders.items()}
-        elif script in ("scripts/world_premises.py", "scripts/notebook.py"):
-            _FLAGS[script] = {None: option_strings(built_parser(load_script(script).main))}
+        elif script.startswith("scripts/") and script.endswith(".py") and \
+                (ROOT / script).exists():  # its parse_args, or a main that parses argv itself
+            module = load_script(script)
+            build = (lambda: module.parse_args([])) if hasattr(module, "parse_args") \
+                else module.main
+            _FLAGS[script] = {None: option_strings(built_parser(build))}
         elif "/" not in script and (ROOT / script).exists() and \
                 hasattr(importlib.import_module(name), "parse_args"):
             _FLAGS[script] = {None: option_strings(built_parser(

@@ -603,7 +603,7 @@ def evaluate_targets(res, args, device):
         model_cfg(args.model)["vision_cfg"] == model_cfg("ViT-B-16")["vision_cfg"]
     values = dict(res["ratios"])
     dtype = "bf16" if "bf16+ckpt" in mem else "fp32"
-    if f"{dtype}+ckpt" in mem:
+    if f"{dtype}+ckpt" in mem and dtype in mem:          # --mem-configs may leave one out
         values["ckpt_peak_ratio"] = mem[f"{dtype}+ckpt"]["peak_mb"] / mem[dtype]["peak_mb"]
     values["sae_bound_fraction"] = res["sae_train"]["no_dead"]["fraction"]
     out = []

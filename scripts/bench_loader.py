@@ -28,9 +28,9 @@ rate is what one core delivers and barely moves when other processes share the m
 rate includes worker start-up and any waiting. The loader's CPU rate per worker is compared with
 both floors (× decode + resize, × decode + transform).
 
-Run (what made results/bench_loader.json: 21 min on a 2-core machine other jobs shared; the
+Run (what made results/bench_loader.json: 130 s on a 2-core machine other jobs shared; the
 images are generated once into --data, ≈ 0.1 s each):
-    python scripts/bench_loader.py --images 1000 --rounds 2 --out results/bench_loader.json
+    python scripts/bench_loader.py --images 400 --rounds 2 --out results/bench_loader.json
 Smoke run (what tests/test_bench_pipeline.py runs):
     python scripts/bench_loader.py --images 8 --width 64 --height 48 --size 32 \
         --batch-size 4 --workers 0,1 --rounds 2 --data /tmp/bl --out /tmp/bl.json

@@ -384,8 +384,8 @@ class TorchImageDataset(torch.utils.data.Dataset):
     def __init__(self, dataset, transform, skip_bad=False, split=True):
         import datasets
         self.dataset, self.skip_bad = dataset, skip_bad
-        self.transform, self.normalise = split_transform(transform) if split else (transform,
-                                                                                    as_is)
+        self.transform, self.normalise = (split_transform(transform) if split
+                                          else (transform, as_is))
         self.raw = dataset.cast_column("image", datasets.Image(decode=False))  # decode_rgb's
 
     def __len__(self):
@@ -410,8 +410,9 @@ class TorchImageDataset(torch.utils.data.Dataset):
 def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0,
                 drop_last=False, shard=False, skip_bad=False):
     """DataLoader of (images (B,3,H,W), labels (B,)): uint8 images for an open_clip transform,
-    to pass through `to_model(images, device, normaliser(loader))`. The shuffle order and the workers' random
-    augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch).
+    to pass through `to_model(images, device, normaliser(loader))`. The shuffle order and the
+    workers' random augmentations depend only on `seed` (pass e.g. seed + epoch for a new order
+    each epoch).
     shard: under torchrun, only this process's share of the images (Shard); extract_outputs
     gathers every share back, in order. skip_bad: unreadable images come as UNREADABLE rows
     (TorchImageDataset)."""
@@ -451,7 +452,7 @@ def seeded(seed):
             random.setstate(py_state)
 
 
-KEEP_BYTES = 2 ** 29   # transformed (uint8: 150 KB at 224) images kept in memory, per dataset
+KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8)
 
 
 class SeededImages(torch.utils.data.Dataset):

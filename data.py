@@ -293,16 +293,99 @@ def skip_warning(count, what):
               "named in a warning as it was read)", file=sys.stderr, flush=True)
 
 
+# --------------------------------------------------------------------------------------------
+# The workers return uint8 images; the float conversion + normalisation runs on the batch
+# --------------------------------------------------------------------------------------------
+# A float32 image is 4x a uint8 one: 602 KB at 224 x 224, 77 MB per batch of 128 through the
+# workers' shared memory, page-faulted in for every batch. So open_clip's transform is split:
+# the workers decode, crop / resize and stop at uint8 (C, H, W); the batch, once on the device,
+# goes through torchvision's own ToTensor + Normalize ops, in their order (split_transform).
+
+class ToUint8:
+    """PIL RGB image -> uint8 tensor (3, H, W): ToTensor's copy of the pixels, without `/ 255`."""
+
+    def __call__(self, image):
+        if getattr(image, "mode", None) != "RGB":   # only split_transform builds one: a bug
+            raise TypeError(f"ToUint8 takes a PIL RGB image, got {type(image).__name__}")
+        x = torch.from_numpy(np.array(image, np.uint8, copy=True))        # (H, W, 3)
+        return x.permute(2, 0, 1).contiguous()
+
+    def __repr__(self):
+        return "ToUint8()"
+
+
+class Normalise:
+    """uint8 batch (B, 3, H, W) on any device -> float (x / 255 − mean) / std, the exact ops of
+    torchvision's ToTensor (`.to(float).div(255)`) then Normalize (`.sub_(mean).div_(std)`), so
+    the tensors are bit-identical to the whole transform's. A float batch (a transform that was
+    not split) passes as it is."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, x):
+        if x.dtype != torch.uint8:
+            return x
+        x = x.to(dtype=torch.get_default_dtype()).div(255)               # ToTensor
+        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        return x.sub_(mean).div_(std)                                     # Normalize
+
+    def __repr__(self):
+        return f"Normalise(mean={self.mean}, std={self.std})"
+
+
+def as_is(x):
+    """The normalisation of a transform that was not split: its images are final already."""
+    return x
+
+
+def _makes_rgb(step):
+    """open_clip's convert-to-RGB step: MaybeConvertMode('RGB') (open_clip ≥ 2.24) or the
+    older `_convert_to_rgb` function."""
+    return (getattr(step, "mode", None) == "RGB" and type(step).__name__ == "MaybeConvertMode"
+            or getattr(step, "__name__", None) == "_convert_to_rgb")
+
+
+def split_transform(transform):
+    """(worker transform, normalise): an open_clip preprocess Compose(..., convert to RGB,
+    ToTensor, Normalize) becomes Compose(..., convert to RGB, ToUint8) for the workers and a
+    Normalise for the batch. Any other transform (a user's own) is kept whole: (transform,
+    as_is), its float images made in the workers as before."""
+    from torchvision import transforms as T
+    steps = getattr(transform, "transforms", None)
+    if not (isinstance(transform, T.Compose) and len(steps) >= 3 and _makes_rgb(steps[-3])
+            and isinstance(steps[-2], T.ToTensor) and type(steps[-1]) is T.Normalize):
+        return transform, as_is
+    return T.Compose([*steps[:-2], ToUint8()]), Normalise(steps[-1].mean, steps[-1].std)
+
+
+def normaliser(loader):
+    """The Normalise a make_loader / epoch_loader batch needs (as_is for anything else: a list
+    of batches already final)."""
+    return getattr(getattr(loader, "dataset", None), "normalise", as_is)
+
+
+def to_model(images, device, normalise):
+    """A batch of images as the model takes it: on `device`, then normalised there (on CUDA
+    the float conversion runs on the GPU, the copy is of uint8)."""
+    return normalise(images.to(device, non_blocking=True))
+
+
 class TorchImageDataset(torch.utils.data.Dataset):
     """(transform(image), label) pairs from a `load_image_dataset` result.
 
+    split=True: an open_clip transform stops at uint8 images, and `self.normalise` (Normalise)
+    finishes them, batched (split_transform); other transforms run whole (normalise: as_is).
     skip_bad: an image that cannot be decoded gives a placeholder (a grey image) labelled
     UNREADABLE, named in a warning; rows keep their positions, so embeddings stay aligned with
     the dataset and the caller drops those rows. Otherwise it raises BadImage."""
 
-    def __init__(self, dataset, transform, skip_bad=False):
+    def __init__(self, dataset, transform, skip_bad=False, split=True):
         import datasets
-        self.dataset, self.transform, self.skip_bad = dataset, transform, skip_bad
+        self.dataset, self.skip_bad = dataset, skip_bad
+        self.transform, self.normalise = (split_transform(transform) if split
+                                          else (transform, as_is))
         self.raw = dataset.cast_column("image", datasets.Image(decode=False))  # decode_rgb's
 
     def __len__(self):
@@ -326,8 +409,10 @@ class TorchImageDataset(torch.utils.data.Dataset):
 
 def make_loader(dataset, transform, batch_size, shuffle=False, workers=0, seed=0,
                 drop_last=False, shard=False, skip_bad=False):
-    """DataLoader of (images (B,3,H,W), labels (B,)). The shuffle order and the workers' random
-    augmentations depend only on `seed` (pass e.g. seed + epoch for a new order each epoch).
+    """DataLoader of (images (B,3,H,W), labels (B,)): uint8 images for an open_clip transform,
+    to pass through `to_model(images, device, normaliser(loader))`. The shuffle order and the
+    workers' random augmentations depend only on `seed` (pass e.g. seed + epoch for a new order
+    each epoch).
     shard: under torchrun, only this process's share of the images (Shard); extract_outputs
     gathers every share back, in order. skip_bad: unreadable images come as UNREADABLE rows
     (TorchImageDataset)."""
@@ -347,6 +432,7 @@ class Shard(torch.utils.data.Subset):
 
     def __init__(self, dataset):
         super().__init__(dataset, range(*runs.shard_range(len(dataset))))
+        self.normalise = dataset.normalise
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +452,7 @@ def seeded(seed):
             random.setstate(py_state)
 
 
-KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB)
+KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8)
 
 
 class SeededImages(torch.utils.data.Dataset):
@@ -376,10 +462,13 @@ class SeededImages(torch.utils.data.Dataset):
     scheduling or where a resumed run restarted — which is what makes resuming exact.
     keep=True (only for a transform without randomness, e.g. no augmentation): each image is
     decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all.
-    skip_bad: an unreadable image gives None, which epoch_loader leaves out of its batch."""
+    skip_bad: an unreadable image gives None, which epoch_loader leaves out of its batch.
+    The images are uint8 for an open_clip transform; `self.normalise` finishes a batch
+    (TorchImageDataset, split_transform)."""
 
     def __init__(self, dataset, transform, keep=False, skip_bad=False):
         self.images = TorchImageDataset(dataset, transform, skip_bad)
+        self.normalise = self.images.normalise
         self.kept, self.room = {}, KEEP_BYTES if keep else 0
 
     def __len__(self):
@@ -408,7 +497,8 @@ def epoch_order(seed, epoch, n):
 def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_memory=False,
                  rank=0, world=1):
     """Micro-batches `first`..`count`-1 of epoch `epoch` of a SeededImages (a resumed run skips
-    the ones it has seen): (images (B, 3, H, W), labels (B,), indices (B,)).
+    the ones it has seen): (images (B, 3, H, W), labels (B,), indices (B,)); images uint8 for
+    an open_clip transform, finished by `to_model(images, device, images_dataset.normalise)`.
 
     Under torchrun (world W > 1) micro-batch m of the epoch is images m·B·W … (m+1)·B·W − 1 of
     the same order, and rank r reads its r-th slice of B: the W ranks together see what one
@@ -430,19 +520,23 @@ def _collate_readable(items):
     return torch.utils.data.default_collate(kept) if kept else None
 
 
-def extract_outputs(fn, loader, device, amp=False, desc="extract"):
+def extract_outputs(fn, loader, device, amp=False, desc="extract", normalise=None):
     """Run `fn(images) -> Tensor or tuple of Tensors` over `loader` under inference mode.
+
+    The images are moved to `device` and normalised there (`normalise`, by default the
+    loader's: normaliser(loader); pass it for a list of uint8 batches kept from a loader).
 
     Returns (list of float32 CPU tensors, one per output, stacked over the data; labels (N,)).
     amp: bf16 autocast, on any device (the stages' resolved --amp). A loader over a Shard
     (make_loader(shard=True) under torchrun): every rank embeds its share, and gets them all.
     """
     device = torch.device(device)
+    normalise = normalise or normaliser(loader)
     outs, labels = [], []
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
         for images, y in (progress(loader, desc, unit="batch", leave=False)
                           if runs.is_main() else loader):        # torchrun: rank 0's bar only
-            out = fn(images.to(device, non_blocking=True))
+            out = fn(to_model(images, device, normalise))
             out = out if isinstance(out, (tuple, list)) else (out,)
             outs.append([o.float().cpu() for o in out])
             labels.append(y)
@@ -702,16 +796,29 @@ def score_logits(logits, eval_set_name):
 
 
 def eval_transform(eval_set_name, preprocess):
-    """The eval transform for a set: ObjectNet first cuts a 2-px border (its images have one)."""
+    """The eval transform for a set: ObjectNet first cuts a 2-px border (its images have one).
+    An open_clip Compose stays one (BorderCrop first), so its workers still stop at uint8."""
     s = EVAL_SETS.get(eval_set_name)
     if s is None or not s.border_crop:
         return preprocess
-    b = s.border_crop
+    from torchvision import transforms as T
+    if isinstance(preprocess, T.Compose):
+        return T.Compose([BorderCrop(s.border_crop), *preprocess.transforms])
+    return T.Compose([BorderCrop(s.border_crop), preprocess])
 
-    def crop_then_preprocess(img):
+
+class BorderCrop:
+    """PIL image -> the image without `b` pixels on each side."""
+
+    def __init__(self, b):
+        self.b = b
+
+    def __call__(self, img):
         w, h = img.size
-        return preprocess(img.crop((b, b, w - b, h - b)))
-    return crop_then_preprocess
+        return img.crop((self.b, self.b, w - self.b, h - self.b))
+
+    def __repr__(self):
+        return f"BorderCrop({self.b})"
 
 
 def load_eval_set(name, source=None, split=None, image_column=None, label_column=None,

@@ -243,8 +243,12 @@ class StepResult(NamedTuple):
                        # --skip-bad-images left unreadable ones out)
 
 
-def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=None):
+def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=None,
+                  normalise=data.as_is):
     """One optimiser step over `micro_batches` (--accum-steps of (images, labels, indices)).
+
+    `normalise` finishes the images on the device (data.SeededImages.normalise: the loader's
+    workers stop at uint8).
 
     L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
     then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN,
@@ -261,7 +265,7 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
             raise UserError(f"every image of a micro-batch of {args.batch_size} was unreadable: "
                             "remove the unreadable images, or raise --batch-size")
         x, y, idx = batch
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = data.to_model(x, device, normalise), y.to(device, non_blocking=True)
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
         with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # any device
@@ -361,7 +365,7 @@ def probe_set(dataset, preprocess_val, size, skip_bad=False):
     kept = [x for x, y in pairs if y != data.UNREADABLE]
     if not kept:
         raise UserError(f"none of the {len(pairs)} probe images is readable")
-    return torch.stack(kept)
+    return images.normalise(torch.stack(kept))            # uint8 -> float (split_transform)
 
 
 @torch.no_grad()
@@ -482,7 +486,8 @@ def train(args):
             raise UserError(runs.one_line(e) + stopped_at_bad_image(
                 out, saved, step, clf, opt, epoch, pos, skipped, args, world)) from None
         try:
-            result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache)
+            result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache,
+                                   normalise=images.normalise)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
         skipped += effective - result.images

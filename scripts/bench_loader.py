@@ -12,10 +12,15 @@ train folder would be. Measured, each in rounds (one of each per round, medians 
             224, bicubic); and decode + each whole transform (resize, crop, to-tensor,
             normalise: the transform's own work, no dataset, batching or worker)
   train     finetune.py's loader: data.SeededImages + data.epoch_loader with open_clip's train
-            transform (RandomResizedCrop 224, scale 0.9–1, bicubic; normalise)
+            transform (RandomResizedCrop 224, scale 0.9–1, bicubic), its workers stopping at
+            uint8 images (data.split_transform)
   eval      evaluate.py's / train_sae.py's loader: data.make_loader with the eval transform
-            (resize 224 bicubic + centre crop; normalise)
-for each worker count in --workers.
+            (resize 224 bicubic + centre crop), uint8 likewise
+for each worker count in --workers. The float conversion + normalisation of each batch
+(data.Normalise) runs where the stages run it with --device cpu: in this process, on the whole
+batch, one thread; its CPU time is measured apart (normalise ms / image) and counted in the
+"all-in" rate, CPU-seconds of the workers plus this normalisation per image. (On CUDA it runs
+on the GPU and costs the CPU nothing.)
 
 Per worker, two rates: images per CPU-second of the workers (their CPU time, read from
 getrusage(RUSAGE_CHILDREN) once they have exited) and images per wall-second ÷ workers. The CPU
@@ -23,9 +28,9 @@ rate is what one core delivers and barely moves when other processes share the m
 rate includes worker start-up and any waiting. The loader's CPU rate per worker is compared with
 both floors (× decode + resize, × decode + transform).
 
-Run (what made results/bench_loader.json: 21 min on a 2-core machine other jobs shared; the
+Run (what made results/bench_loader.json: 130 s on a 2-core machine other jobs shared; the
 images are generated once into --data, ≈ 0.1 s each):
-    python scripts/bench_loader.py --images 1000 --rounds 2 --out results/bench_loader.json
+    python scripts/bench_loader.py --images 400 --rounds 2 --out results/bench_loader.json
 Smoke run (what tests/test_bench_pipeline.py runs):
     python scripts/bench_loader.py --images 8 --width 64 --height 48 --size 32 \
         --batch-size 4 --workers 0,1 --rounds 2 --data /tmp/bl --out /tmp/bl.json
@@ -193,10 +198,14 @@ def time_loader(make, workers, n):
     RUSAGE_CHILDREN only once they are joined). Returns the rates and the batches' checksum."""
     kids0, (c0, w0) = children_cpu(), cpu_and_wall()
     loader = make(workers)
-    seen, checksum = 0, 0.0
+    normalise = data.normaliser(loader)
+    seen, checksum, norm_cpu = 0, 0.0, 0.0
     for batch in loader:
-        seen += len(batch[0])
-        checksum += float(batch[0].double().sum())
+        t = time.process_time()
+        x = data.to_model(batch[0], "cpu", normalise)   # as --device cpu: here, batched
+        norm_cpu += time.process_time() - t
+        seen += len(x)
+        checksum += float(x.double().sum())
     w1 = time.perf_counter()
     del loader, batch                       # persistent workers (make_loader) shut down here
     gc.collect()
@@ -204,12 +213,14 @@ def time_loader(make, workers, n):
     if seen != n:
         raise RuntimeError(f"loader gave {seen} images, expected {n}")
     out = {"wall_img_s": n / (w1 - w0), "main_cpu_s": c1 - c0,
+           "normalise_cpu_s": norm_cpu, "normalise_ms_per_image": 1000 * norm_cpu / n,
            "wall_img_s_per_worker": n / (w1 - w0) / max(workers, 1), "checksum": checksum}
     if workers > 0:
         out["worker_cpu_s"] = kids
         out["cpu_img_s_per_worker"] = n / kids
+        out["cpu_img_s_all_in"] = n / (kids + norm_cpu)
     else:                                   # everything ran in this process
-        out["cpu_img_s_per_worker"] = n / (c1 - c0)
+        out["cpu_img_s_per_worker"] = out["cpu_img_s_all_in"] = n / (c1 - c0)
     return out
 
 
@@ -288,14 +299,16 @@ def bench(argv):
         name, w = key.split("/")
         resize, whole = f"decode+{name}_resize", f"decode+{name}_transform"
         entry = {"loader": name, "workers": int(w), "images": counts[name], "rounds": rows}
-        for k in ("cpu_img_s_per_worker", "wall_img_s_per_worker", "wall_img_s", "main_cpu_s",
-                  "worker_cpu_s"):
+        for k in ("cpu_img_s_per_worker", "cpu_img_s_all_in", "normalise_ms_per_image",
+                  "wall_img_s_per_worker", "wall_img_s", "main_cpu_s", "worker_cpu_s"):
             entry[k] = med(rows, k)
         if entry["cpu_img_s_per_worker"]:
             entry["cpu_over_resize_floor"] = (entry["cpu_img_s_per_worker"]
                                               / res["floor"][resize]["cpu_img_s"])
             entry["cpu_over_transform_floor"] = (entry["cpu_img_s_per_worker"]
                                                  / res["floor"][whole]["cpu_img_s"])
+            entry["all_in_over_resize_floor"] = (entry["cpu_img_s_all_in"]
+                                                 / res["floor"][resize]["cpu_img_s"])
         entry["same_tensors_every_round"] = len({round(x["checksum"], 3) for x in rows}) == 1
         res["loaders"][key] = entry
     res["machine"]["load_avg_end"] = list(os.getloadavg())
@@ -322,13 +335,17 @@ def markdown(res):
     for k, v in res["floor"].items():
         L.append(f"| {k} | {v['cpu_img_s']:.0f} | {v['wall_img_s']:.0f} |")
     L += ["", "| loader | workers | images / CPU-s per worker | × decode + resize | "
-          "× decode + transform | images / wall-s per worker | images / wall-s |",
-          "|---|---|---|---|---|---|---|"]
+          "× decode + transform | normalise ms / image (this process) | all-in images / CPU-s "
+          "| all-in × decode + resize | images / wall-s per worker | images / wall-s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for v in res["loaders"].values():
         cpu = f"{v['cpu_img_s_per_worker']:.0f}" if v["cpu_img_s_per_worker"] else "–"
         x = (f"{v['cpu_over_resize_floor']:.2f} | {v['cpu_over_transform_floor']:.2f}"
              if "cpu_over_resize_floor" in v else "– | –")
+        allin = (f"{v['cpu_img_s_all_in']:.0f} | {v['all_in_over_resize_floor']:.2f}"
+                 if "all_in_over_resize_floor" in v else "– | –")
         L.append(f"| {v['loader']} | {v['workers']} | {cpu} | {x} | "
+                 f"{v['normalise_ms_per_image']:.2f} | {allin} | "
                  f"{v['wall_img_s_per_worker']:.0f} | {v['wall_img_s']:.0f} |")
     return "\n".join(L)
 

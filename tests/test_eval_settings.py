@@ -148,7 +148,8 @@ def test_iwildcam_split_and_class_names(wilds_root):
 
 def predictions(clf, dataset, preprocess):
     """The classifier's predictions on a dataset, computed here without evaluate.py."""
-    loader = data.make_loader(dataset, preprocess, 64)
+    loader = torch.utils.data.DataLoader(data.TorchImageDataset(dataset, preprocess, split=False),
+                                         batch_size=64)       # the whole transform, float
     with torch.no_grad():
         return torch.cat([clf(x)[0].argmax(-1) for x, _ in loader])
 
@@ -301,7 +302,8 @@ def test_transfer_sets_by_name_in_evaluate(tmp_path, tiny_clip_dir, tiny_image_d
     W = models.zero_shot_weights(model, tokenizer, list(data.CIFAR10_CLASSES),
                                  models.TEMPLATES["cifar"], "cpu")
     ds = data.load_transfer_set("cifar10", str(tmp_path / "cifar10"))
-    loader = data.make_loader(ds, preprocess, 64)
+    loader = torch.utils.data.DataLoader(data.TorchImageDataset(ds, preprocess, split=False),
+                                         batch_size=64)       # the whole transform, float
     with torch.no_grad():
         h = torch.cat([model.encode_image(x) for x, _ in loader])
     pred = (torch.nn.functional.normalize(h, dim=-1) @ W.T).argmax(-1)

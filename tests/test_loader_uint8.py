@@ -1,0 +1,150 @@
+"""The loaders' workers stop at uint8 images and the batch is normalised after (data.py,
+split_transform): the tensors must be bit for bit those of open_clip's whole transform."""
+import datasets
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torchvision import transforms as T
+
+import data
+
+
+def every_value_images(n=6, seed=0):
+    """RGB images of several sizes and aspects whose pixels hold every value 0..255 in every
+    channel (a shuffled ramp) plus noise, so each float the normalisation can make is made."""
+    rng = np.random.default_rng(seed)
+    sizes = [(300, 225), (225, 300), (256, 256), (400, 240), (230, 230), (500, 375)]
+    images = []
+    for w, h in sizes[:n]:
+        x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ramp = np.stack([rng.permutation(256) for _ in range(3)], -1).astype(np.uint8)
+        x[0, :256 if w >= 256 else w] = ramp[:w]
+        x[h // 2, :256 if w >= 256 else w] = ramp[:w]   # also inside every centre crop
+        images.append(Image.fromarray(x))
+    return images
+
+
+def bits(x):
+    """The float32 tensor's bit patterns (torch.equal would let -0.0 equal 0.0)."""
+    return x.contiguous().view(torch.int32)
+
+
+def whole_and_split(transform, images, seeds=None):
+    """(B, 3, H, W) from the whole transform per image, and from the split one (uint8 stacked,
+    then Normalise on the batch); with `seeds`, image i's random crop drawn from seeds[i]."""
+    worker, normalise = data.split_transform(transform)
+    whole, parts = [], []
+    for i, im in enumerate(images):
+        with data.seeded(seeds[i]) if seeds else torch.random.fork_rng():
+            whole.append(transform(im))
+        with data.seeded(seeds[i]) if seeds else torch.random.fork_rng():
+            parts.append(worker(im))
+    return torch.stack(whole), parts, normalise
+
+
+@pytest.mark.parametrize("is_train", [False, True])
+def test_split_transform_is_bit_identical(is_train):
+    images = every_value_images()
+    for tf in (image_transform_v2(PreprocessCfg(size=224), is_train=is_train),
+               open_clip.image_transform(64, is_train=is_train,
+                                         mean=(0.5, 0.25, 0.125), std=(0.2, 0.3, 0.7))):
+        whole, parts, normalise = whole_and_split(tf, images, seeds=[7, 8, 9, 10, 11, 12])
+        assert isinstance(normalise, data.Normalise)
+        assert all(p.dtype == torch.uint8 for p in parts)
+        u = torch.stack(parts)
+        split = normalise(u)
+        assert split.dtype == whole.dtype == torch.float32
+        assert torch.equal(bits(split), bits(whole))
+        # an independent value check: x/255 normalised, in float64, within a float32 ulp or two
+        mean, std = (torch.tensor(v, dtype=torch.float64)[:, None, None]
+                     for v in (tf.transforms[-1].mean, tf.transforms[-1].std))
+        assert torch.allclose(split.double(), (u.double() / 255 - mean) / std, atol=1e-6)
+    if not is_train:  # different seeds give different train crops: the seeds were used
+        return
+    again, _, _ = whole_and_split(tf, images, seeds=[1, 2, 3, 4, 5, 6])
+    assert not torch.equal(again, whole)
+
+
+def test_every_value_in_every_channel():
+    """Each of the 256 values of each channel normalises to ToTensor + Normalize's float."""
+    from open_clip.transform import MaybeConvertMode, MaybeToTensor
+    values = np.stack([np.roll(np.arange(256), 85 * c) for c in range(3)], -1).astype(np.uint8)
+    im = Image.fromarray(values[None])                                     # 256 x 1, RGB
+    for mean, std in [(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]:
+        tf = T.Compose([MaybeConvertMode(), MaybeToTensor(), T.Normalize(mean, std)])
+        worker, normalise = data.split_transform(tf)
+        u = worker(im)
+        assert u.dtype == torch.uint8 and all(len(u[c].unique()) == 256 for c in range(3))
+        assert torch.equal(bits(normalise(u[None])[0]), bits(tf(im)))
+
+
+def test_loaders_give_the_whole_transforms_tensors(tmp_path):
+    ds = datasets.Dataset.from_dict({"image": every_value_images(), "label": [0, 1, 2, 0, 1, 2]},
+                                    features=datasets.Features({
+                                        "image": datasets.Image(),
+                                        "label": datasets.ClassLabel(num_classes=3)}))
+    ev = image_transform_v2(PreprocessCfg(size=64), is_train=False)
+    tr = image_transform_v2(PreprocessCfg(size=64), is_train=True)
+    whole = data.TorchImageDataset(ds, ev, split=False)
+    expect = torch.stack([whole[i][0] for i in range(len(ds))])
+    for workers in (0, 2):
+        loader = data.make_loader(ds, ev, 4, workers=workers)
+        batches = list(loader)
+        assert batches[0][0].dtype == torch.uint8
+        got = torch.cat([data.to_model(x, "cpu", data.normaliser(loader)) for x, _ in batches])
+        assert torch.equal(bits(got), bits(expect))
+        # extract_outputs normalises on its own; a list of kept uint8 batches with `normalise`
+        (out,), _ = data.extract_outputs(lambda x: x, loader, "cpu")
+        (kept,), _ = data.extract_outputs(lambda x: x, batches, "cpu",
+                                          normalise=data.normaliser(loader))
+        assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(kept), bits(expect))
+    # the training loader: each crop drawn from its (seed, epoch, image) seed, as before
+    _, seeds = data.epoch_order(0, 0, len(ds))
+    plain = data.TorchImageDataset(ds, tr, split=False)
+    images = data.SeededImages(ds, tr)
+    for x, y, idx in data.epoch_loader(images, 3, 0, 0, 0, 2, workers=2):
+        for j, i in enumerate(idx.tolist()):
+            with data.seeded(int(seeds[i])):
+                ref = plain[i][0]
+            assert torch.equal(bits(images.normalise(x[j:j + 1])[0]), bits(ref))
+
+
+def test_kept_images_are_uint8_and_a_quarter_the_bytes(tiny_image_dataset):
+    ds = data.load_image_dataset(tiny_image_dataset, split="train")
+    ev = image_transform_v2(PreprocessCfg(size=32), is_train=False)
+    kept = data.SeededImages(ds, ev, keep=True)
+    list(data.epoch_loader(kept, 16, 0, 0, 0, 1))
+    image = next(iter(kept.kept.values()))[0]
+    assert image.dtype == torch.uint8 and image.nbytes == 3 * 32 * 32
+
+
+@pytest.mark.parametrize("transform", [
+    T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor()]),                  # no Normalize
+    T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(),                     # no RGB step
+               T.Normalize((0.5,) * 3, (0.5,) * 3)]),
+    lambda im: T.functional.to_tensor(im.resize((32, 32))),                       # a function
+])
+def test_another_transform_runs_whole_in_the_workers(transform, tiny_image_dataset):
+    worker, normalise = data.split_transform(transform)
+    assert worker is transform and normalise is data.as_is
+    ds = data.load_image_dataset(tiny_image_dataset, split="train").select(range(8))
+    loader = data.make_loader(ds, transform, 4)
+    x, _ = next(iter(loader))
+    assert x.dtype == torch.float32
+    expect = torch.stack([transform(data.decode_rgb(data.TorchImageDataset(ds, transform)
+                                                    .raw[i]["image"])) for i in range(4)])
+    assert torch.equal(data.to_model(x, "cpu", data.normaliser(loader)), expect)
+
+
+def test_objectnet_border_crop_keeps_the_split():
+    ev = image_transform_v2(PreprocessCfg(size=64), is_train=False)
+    tf = data.eval_transform("objectnet", ev)
+    worker, normalise = data.split_transform(tf)
+    assert isinstance(normalise, data.Normalise)
+    im = every_value_images(1)[0]
+    cropped = im.crop((2, 2, im.width - 2, im.height - 2))
+    assert torch.equal(bits(normalise(worker(im)[None])[0]), bits(ev(cropped)))

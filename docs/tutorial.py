@@ -33,12 +33,11 @@
 # root: `python docs/tutorial.py` (or `make tutorial`); figures then go to `runs/tutorial/`.
 # The settings in the next cell can be overridden by environment variables
 # (`TUTORIAL_FT_EPOCHS=2 python docs/tutorial.py`); the test suite runs a smaller world that way.
-# With the defaults the whole notebook took **28 min 46 s** of wall time but only **3 min 46 s
-# of CPU time** (one thread) on this project's 2-core machine, while about seven other jobs
-# shared it (load average ≈ 12; `time python scripts/notebook.py docs/tutorial.py
-# docs/tutorial.ipynb --execute`, the toy world already built). With a core to itself, as on a
-# laptop, expect the wall time near the CPU time, about 4 minutes (an estimate: no idle machine
-# was there to measure it). The toy world is drawn once into `toy_world/` (the folder
+# With the defaults the whole notebook took **7 min 7 s** of wall time and **2 min 40 s of CPU
+# time** (one thread) on this project's 2-core machine while other jobs shared it (`time python
+# scripts/notebook.py docs/tutorial.py docs/tutorial.ipynb --execute`, the toy world already
+# built). With a core to itself, as on a laptop, expect the wall time near the CPU time, about
+# 3 minutes (an estimate). The toy world is drawn once into `toy_world/` (the folder
 # `make demo` uses) and reused.
 #
 # Source of truth: `docs/tutorial.py` (jupytext percent format, reviewable in git);
@@ -410,8 +409,8 @@ KEY["counts"] = {m: rec["counts"] for m, rec in ranking.items()}
 
 # %% [markdown]
 # **The corner-mark feature?** The feature standard fine-tuning adds on the most test images
-# is the natural candidate for the spurious cue (on seed 0 it is #136, and its top test images
-# carry their class's mark colour). On the ID test that is weak evidence — 90 % of all test
+# is the natural candidate for the spurious cue (its top test images carry their class's mark
+# colour). On the ID test that is weak evidence — 90 % of all test
 # images carry their class's colour. `ood_nocue` separates the two: the mark's colour is random
 # there, so a feature that follows the mark fires by mark colour, one that follows the shape
 # fires by class. `toy_world.read_mark` reads each image's mark colour back from its pixels.
@@ -445,13 +444,13 @@ print(f"firing-rate range over classes {spread['class']:.2f}, over mark colours 
       f"{spread['mark']:.2f}: on ood_nocue feature #{cue} follows {follows}")
 
 # %% [markdown]
-# On the defaults (seed 0) this is feature #136, the one the README's interpretability section
-# shows, and the numbers above say it follows the *class*: on `ood_nocue` its firing rate
-# ranges widely across classes (rings, crosses, arrows: the names nearest its atom) and
-# little across mark colours. Its top test images carry their class's mark colour because 90 %
-# of all test images do. The cue that standard fine-tuning learns (ID up, `ood_nocue` down) is
-# not what this feature encodes; whatever of it the zero-shot dictionary cannot express shows
-# up in `L_res` rather than in any one feature.
+# On the defaults (seed 0) this is feature #207, the one the README shows, and the numbers above
+# say it follows the *class*: on `ood_nocue` its firing rate ranges widely across classes
+# (hearts, diamonds, stars: near the names nearest its atom) and little across mark colours.
+# Its top test images carry their class's mark colour because 90 % of all test images do. The
+# cue that standard fine-tuning learns (ID up, `ood_nocue` down) is not what this feature
+# encodes; whatever of it the zero-shot dictionary cannot express shows up in `L_res` rather
+# than in any one feature.
 
 # %% [markdown]
 # How often does each method add that same feature on the ID test? (`interpret.feature_stats`

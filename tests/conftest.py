@@ -14,6 +14,8 @@ the scripts the tests start, which inherit the environment).
                         undecodable images as bytes, at rows BAD_ROWS
     refused             a stage's main(argv) must end in one `error: …` line and change nothing
                         on disk (the helper every bad-input test shares)
+    one_thread, run_dir one intra-op thread for a module; the tiny zero-shot classifier saved
+                        as a finetune.py run
 """
 import json
 import os
@@ -206,6 +208,27 @@ def bad_image_folder(tmp_path_factory):
 def bad_image_dataset(tmp_path_factory):
     """A save_to_disk DatasetDict, train / test of 16 shape images + the two corrupt ones."""
     return write_bad_image_dataset(tmp_path_factory.mktemp("bad_dataset") / "shapes")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: tiny tensors run faster than with threads fighting
+    over a busy machine's cores. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_clip_dir, tmp_path_factory):
+    """The tiny model's zero-shot classifier saved as finetune.py saves a run."""
+    import models
+    clf, _, _, config = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None,
+                                                    SHAPE_CLASSES, ["a photo of a {}."])
+    path = tmp_path_factory.mktemp("run")
+    models.save_classifier(path, clf, dict(config, regulariser={"reg": "none"}))
+    return path
 
 
 @pytest.fixture(scope="session")

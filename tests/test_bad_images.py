@@ -28,12 +28,7 @@ from conftest import BAD_FILES, BAD_ROWS, refused, write_tiny_sae
 SKIP = "--skip-bad-images"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["folder", "saved"])
@@ -213,14 +208,6 @@ def test_finetune_stops_saved_and_resumes_as_if_skipping_from_the_start(
 # evaluate.py and interpret.py
 # ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_clip_dir, tmp_path_factory):
-    """The zero-shot classifier saved as finetune.py saves a run."""
-    clf, _, _, config = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None,
-                                                    conftest.SHAPE_CLASSES, ["a photo of a {}."])
-    path = tmp_path_factory.mktemp("run")
-    models.save_classifier(path, clf, dict(config, regulariser={"reg": "none"}))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -49,12 +49,7 @@ SMOOTH = {"none", "l2", "sae-sparse", "sae-preserve"}     # compared at step 2 t
 TERMS = ("l2", "l1", "res", "pres", "sparse", "remove", "reg")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ TINY = ["--batch-size", "8", "--accum-steps", "1", "--epochs", "1", "--lr", "1e-
         "--warmup-steps", "1", "--workers", "0", "--log-every", "1", "--probe-size", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny tensors run ~10x faster than with threads fighting over
-    a busy machine's cores (the subprocess gets OMP_NUM_THREADS=1 for the same reason)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

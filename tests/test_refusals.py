@@ -42,14 +42,6 @@ def sae_dir(tiny_clip_dir, tmp_path_factory):
     return write_tiny_sae(tmp_path_factory.mktemp("sae"), tiny_clip_dir, n=128, k=4)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_clip_dir, tmp_path_factory):
-    """The zero-shot classifier saved as finetune.py saves a run."""
-    clf, _, _, config = models.zero_shot_classifier(f"local-dir:{tiny_clip_dir}", None,
-                                                    conftest.SHAPE_CLASSES, ["a photo of a {}."])
-    path = tmp_path_factory.mktemp("run")
-    models.save_classifier(path, clf, dict(config, regulariser={"reg": "none"}))
-    return path
 
 
 @pytest.fixture(scope="module")

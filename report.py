@@ -304,14 +304,20 @@ def seed_of(record):
     return ((record.get("run_config") or {}).get("args") or {}).get("seed")
 
 
-def frontier_curves(records):
+def frontier_curves(records, metric=None):
     """(zero-shot (id, ood), {curve: {seed: [(param, id, ood), …] sorted by param}}).
 
     Each regulariser's curve gets its seed's standard fine-tuning run at λ = 0 and the zero-shot
-    model at λ = ∞, so every curve spans from zero-shot to its own fine-tuned end."""
+    model at λ = ∞, so every curve spans from zero-shot to its own fine-tuned end. With `metric`
+    (a field of the ID set's record, e.g. "overlap" = feature preservation), that field takes
+    the place of the OOD mean: the same curves, read for another quantity at matched ID."""
     points, _, _ = id_ood_points(records)
     zero_shot, curves = None, {}
     for key, (i, o, rec) in points.items():
+        if metric is not None:
+            if rec.get(metric) is None:
+                continue                      # (evaluated without the SAE: no representation)
+            o = rec[metric]
         name = curve_of(rec)
         if name is None:
             zero_shot = (i, o)
@@ -428,6 +434,23 @@ def frontier_report(table, levels, curves=None):
     return "\n".join(lines)
 
 
+def preservation_report(records, levels):
+    """Markdown: feature preservation at each matched ID level per curve, mean ± std over seeds
+    (each seed's curve read at the level, as for OOD accuracy) — how much of the zero-shot
+    feature code a method keeps for the same ID accuracy, not at one arbitrary λ."""
+    _, curves = frontier_curves(records, metric="overlap")
+    table = matched_id({k: v for k, v in curves.items() if k != "none"}, levels)
+    if not table:
+        return "(no feature-preservation values: the results were evaluated without --sae)"
+    lines = ["| curve | " + " | ".join(f"pres. @ ID {lv:g}" for lv in levels) + " |",
+             "|---" * (len(levels) + 1) + "|"]
+    for name, row in table.items():
+        cells = ["–" if row[lv] is None else f"{row[lv][0]:.3f} ± {row[lv][1]:.3f}"
+                 for lv in levels]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def points_table(records):
     """Markdown: every point of every curve (curve, λ or α) with ID, OOD mean, and CKA / FVU /
     feature overlap on the ID set, mean ± std over seeds — what each setting buys."""
@@ -530,8 +553,11 @@ def frontier_main(argv):
         except UserError as e:  # still write the points table and the figure
             print(f"warning: {e}", file=sys.stderr)
             levels = []
-    text = (frontier_report(matched_id(compared, levels), levels, compared) + "\n\nEvery point "
-            "(mean ± std over seeds; CKA, FVU, pres. on the ID set):\n\n" + points_table(records))
+    text = (frontier_report(matched_id(compared, levels), levels, compared) +
+            "\n\nFeature preservation (|S0 ∩ S| / k on the ID set) at the same matched ID levels "
+            "(linear along each curve, like OOD above):\n\n" + preservation_report(records, levels)
+            + "\n\nEvery point (mean ± std over seeds; CKA, FVU, pres. on the ID set):\n\n"
+            + points_table(records))
     print(text)
     _, id_name, ood = id_ood_points(records)
     frontier_plot(zero_shot, curves, levels, args.out, id_name, ood)

@@ -146,3 +146,26 @@ def test_frontier_plot_leaves_collapsed_points_out_of_view(tmp_path):
                                     tmp_path / "g.png") == 0
     finally:
         plt.Figure.savefig = real_savefig
+
+
+def test_preservation_is_read_at_matched_id_along_each_curve():
+    """Feature preservation (the ID record's `overlap`) is interpolated along each curve at the
+    same matched ID levels as OOD accuracy, with the zero-shot model (overlap 1) at λ = ∞."""
+    recs = record("zero-shot", "zero-shot", 90.0, 90.0)
+    recs[0]["overlap"] = 1.0
+    for seed, (p_ft, p_l2) in enumerate(((0.5, 0.9), (0.7, 0.8))):
+        ft = record("ft", "none", 96.0, 84.0, seed, run=f"n{seed}")
+        l2 = record("ft", "l2", 93.0, 89.0, seed, lam=100.0, run=f"l2{seed}")
+        ft[0]["overlap"], l2[0]["overlap"] = p_ft, p_l2
+        recs += ft + l2
+    _, curves = report.frontier_curves(recs, metric="overlap")
+    assert curves["l2"][0] == [(0.0, 96.0, 0.5), (100.0, 93.0, 0.9), (math.inf, 90.0, 1.0)]
+    text = report.preservation_report(recs, [94.5, 91.5])
+    # seed 0 at ID 94.5: halfway between 0.5 and 0.9 = 0.7; seed 1: between 0.7 and 0.8 = 0.75
+    # at ID 91.5: seed 0 halfway between 0.9 and 1.0 = 0.95; seed 1: 0.8 → 1.0 = 0.9
+    row = next(line for line in text.splitlines() if line.startswith("| l2 |"))
+    assert row == "| l2 | 0.725 ± 0.035 | 0.925 ± 0.035 |"
+    del recs[0]["overlap"]
+    for r in recs:
+        r.pop("overlap", None)
+    assert "evaluated without --sae" in report.preservation_report(recs, [94.5])

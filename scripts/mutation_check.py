@@ -8,7 +8,7 @@ interpreter: a test failing = caught, all passing = missed. Each edit is an exac
 that must occur exactly once in its file: when code moves (a refactor), the script stops with
 an error naming the mutant before running anything — re-point the substrings in MUTANTS.
 
-Run (what docs/reference.md reports; about 5 minutes on a busy 2-core machine):
+Run (what docs/reference.md reports; 7 minutes on a 2-core machine other jobs shared):
     python scripts/mutation_check.py
 One mutant, other tests:
     python scripts/mutation_check.py --only sae-clip-after-step --tests tests/test_steps.py
@@ -232,8 +232,9 @@ def main(argv=None):
                                 "-p", "no:cacheprovider", first], cwd=ROOT,
                                capture_output=True, text=True).stdout
     idle = [t for t in re.findall(r"^(\S+::\S+)$", collected, re.M) if t not in hit]
-    if idle and not args.only:
-        print(f"tests of {first} that caught no mutant: {', '.join(idle)}")
+    if not args.only:
+        print(f"tests of {first} that caught no mutant: {', '.join(idle)}" if idle else
+              f"every test of {first} caught at least one mutant")
     return 0 if caught == len(results) else 1
 
 

@@ -189,7 +189,7 @@ def test_sae_step_equals_the_reference_step(binds):
         expected.append((dict(P), list(since), fvu, auxk))
         norms.append(norm)
     assert all((norm > 2 * clip) if binds else (norm < clip / 2) for norm in norms), norms
-    assert expected[0][3] > 0.1                 # AuxK is on: dead latents explain the residual
+    assert expected[0][3] > 0.1                 # AuxK is on (dead latents, a real term)
 
     opt = torch.optim.Adam(sae.parameters(), lr=1.0, betas=BETAS, eps=EPS)  # lr set per step
     since_t = torch.tensor(SINCE0)
@@ -244,8 +244,8 @@ def test_dead_latent_window_counts_samples():
 
     Latent 0 always fires (b_enc = 10, k = 1); latent 1 never does but has a positive
     pre-activation (b_enc = 3), so once it is dead AuxK is > 0; the rest never reach ReLU's
-    positive side (b_enc = −10), so they add nothing to AuxK. Before latent 1 is dead there
-    is no dead latent with anything to explain, and AuxK is 0."""
+    positive side (b_enc = −10), so they add nothing to AuxK. Every latent but 0 shares
+    latent 1's count: until it reaches the window no latent is dead, and AuxK is exactly 0."""
     B = 3
     b_enc = [10.0, 3.0] + [-10.0] * (N_LAT - 2)
     for window, first_dead_step in ((6, 2), (7, 3), (5, 2), (4, 2), (3, 1)):

@@ -20,6 +20,12 @@ install: .venv/installed
 test: .venv/installed
 	$(PY) -m pytest -q
 
+# The mutation check (docs/reference.md, "What the tests check"): one-line bugs planted in the
+# training steps and schedules, one at a time; tests/test_steps.py must fail on each. 7 minutes
+# on 2 busy cores (one interpreter per mutant); not part of `make test`.
+mutation: .venv/installed
+	$(PY) scripts/mutation_check.py
+
 # ---------------------------------------------------------------------------------------------
 # The demo. Override any variable: `make demo SEED=1 DEMO=runs/demo_seed1`. The toy world is
 # drawn once into $(WORLD) (cached; 26 s on 2 cores: its tiny CLIP ships pretrained in
@@ -121,5 +127,5 @@ frontier-ablations: .venv/installed
 
 # demo-finetune-% and demo-report-% are not listed: make applies no pattern rule to a phony
 # target. No file has their names, so they run every time all the same.
-.PHONY: install test demo demo-run demo-world demo-sae demo-evaluate frontier frontier-ablations \
-        tutorial notebook
+.PHONY: install test mutation demo demo-run demo-world demo-sae demo-evaluate frontier \
+        frontier-ablations tutorial notebook

@@ -54,8 +54,8 @@ def say(text):
         display(Markdown(text))
     else:
         for para in text.split("\n\n"):
-            print(textwrap.fill(" ".join(para.split()), 96) if not para.lstrip().startswith(
-                ("|", "-", "*")) else para)
+            listing = para.lstrip().startswith(("|", "- ", "* "))     # tables, lists: as is
+            print(para if listing else textwrap.fill(" ".join(para.split()), 96))
             print()
 
 

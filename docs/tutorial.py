@@ -19,17 +19,19 @@
 #
 # **Learning objectives.** After this lab you can
 # 1. say what a Top-k sparse autoencoder (SAE) computes, and read one of its features from its
-#    top images and the class names nearest to its dictionary atom;
-# 2. measure how fine-tuning moves a representation, through the eyes of the zero-shot SAE
-#    (FVU, feature preservation) and with CKA;
-# 3. write SAE-FT's regulariser terms (`L_res`, `L_pres`) and say which tensors they send
-#    gradient to;
-# 4. compare robust fine-tuning methods the fair way, as ID–OOD curves read at matched ID
-#    accuracy, and build WiSE-FT by hand;
+#    top images and the class names nearest to its direction;
+# 2. measure how fine-tuning moves a representation: how much of it an SAE trained on the
+#    zero-shot model can no longer explain, how many of each image's features stay active, and
+#    how similar the two representations remain;
+# 3. write SAE-FT's two regulariser terms (residual alignment and feature preservation) and say
+#    which tensors they send gradient to;
+# 4. compare robust fine-tuning methods the fair way, as curves of accuracy on the task's own
+#    test set against accuracy under distribution shift, and build weight interpolation
+#    (WiSE-FT) by hand;
 # 5. read what each method changed feature by feature, and say where this run agrees with the
 #    paper and where it does not, and why.
 #
-# **Read first** (about 20 minutes, before the lab): the paper's §3 *Preliminaries* (zero-shot
+# **Read first** (about 20 minutes, before the lab and not counted in its 90): the paper's §3 *Preliminaries* (zero-shot
 # classification, the Top-k SAE), §4 *Representational Drift in CLIP Fine-Tuning* (CKA, FVU,
 # feature preservation, the L2 baseline) and §5 *SAE-FT* with §5.1. Keep for after the lab: §6
 # (the ImageNet results); Gao et al. 2024, *Scaling and evaluating sparse autoencoders*, §2 (Top-k
@@ -42,7 +44,7 @@
 # | section | what you do | time |
 # |---|---|---|
 # | 0. Setup | run the setup cells, read the plan | 5 min |
-# | 1. Zero-shot CLIP and its SAE | exercise 1 (Top-k encode); read three features | 15 min |
+# | 1. Zero-shot CLIP and its SAE | exercise 1 (Top-k encode); read four features | 15 min |
 # | 2. Standard fine-tuning | exercise 2 (feature overlap); read the probes | 12 min |
 # | 3. The regulariser by hand | exercises 3–5 (`L_res`, `L_pres`, which tensors get gradient) | 20 min |
 # | 4. Every method as an ID–OOD curve | predict, run, exercise 6 (WiSE-FT); read the curves | 18 min |
@@ -156,9 +158,9 @@ CUE_RATE = runs.load_json(Path(WORLD) / "world.json", "the world's manifest", "r
 
 fig, axes = plt.subplots(4, C, figsize=(1.2 * C, 5.2))
 for row, split in zip(axes, ("train", "ood_nocue", "ood_sketch", "ood_pattern")):
-    labels = data.labels_of(sets[split])
+    ys = data.labels_of(sets[split])
     for c, ax in enumerate(row):
-        ax.imshow(sets[split][int((labels == c).nonzero()[0][0])]["image"])
+        ax.imshow(sets[split][int((ys == c).nonzero()[0][0])]["image"])
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(classnames[c] if split == "train" else "", fontsize=8)
     row[0].set_ylabel(split, fontsize=9)
@@ -547,17 +549,19 @@ same = losses.regulariser("sae-preserve", hb0, hb0, sae, lam=LAM)
 print("and on the zero-shot model itself (h = h0):", {t: v.item() for t, v in same.items()})
 share = by_hand["res"] / by_hand["l2"]
 lab.say(f"""
-For standard fine-tuning on this batch, the part of the change that leaves the dictionary is
-`L_res / L2` = {share:.0%} of the whole change `mean Δx²`; the rest the zero-shot features can
-express.
+For standard fine-tuning on this batch, `L_res` is {share:.0%} of `mean Δx²` (the L2 term): in
+the same units, that much of the change of the embeddings is not explained by the change of
+their zero-shot features.
 """)
 
 # %% [markdown]
 # **The scale of λ.** The paper's weights (λ = 70, λ_mask = 10) are for raw CLIP embeddings of
 # norm ‖h‖; here R sees unit-norm ones, so squared terms come out ‖h‖² times smaller and λ must
 # be about ‖h‖² times larger to weigh the same (`losses.regulariser`, its scale note).
-# `finetune.py` prints that conversion for its model ("≈ here λ = …"). This lab uses the demo's
-# λ grid instead, chosen on this world ([the λ grid](toy-world.md#the-λ-grid-behind-the-defaults)).
+# `finetune.py` prints that conversion for its model ("≈ here λ = …"). The conversion only says
+# which λ weighs R as the paper's λ did on its model; the best λ depends on the model and the
+# task, which is why section 4 sweeps it. The lab's grid is centred on the demo's λ, chosen on
+# this world ([the λ grid](toy-world.md#the-λ-grid-behind-the-defaults)).
 
 # %%
 norm = h0["test"].norm(dim=-1).mean().item()

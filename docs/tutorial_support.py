@@ -160,6 +160,8 @@ def _call(fn, *args):
 
 
 def _close(got, want, what, hint="", rtol=1e-5, atol=1e-7):
+    if got is None:
+        raise CheckFailed(f"{what}: your function returned None (a missing `return`?)")
     got = torch.as_tensor(got).double() if not isinstance(got, torch.Tensor) else got.double()
     want = want.double()
     if got.shape != want.shape:

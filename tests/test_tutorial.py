@@ -31,6 +31,7 @@ _spec = importlib.util.spec_from_file_location("tutorial_notebooks",
                                                ROOT / "scripts" / "tutorial_notebooks.py")
 notebooks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(notebooks)
+SOURCE = notebooks.SOURCE
 
 SMALL = {"N_TRAIN": "1000", "N_EVAL": "300", "MIN_ZERO_SHOT": "80", "SAE_EPOCHS": "10",
          "FT_EPOCHS": "1", "LAMBDAS": "1000", "LAM": "1000", "ALPHAS": "0,0.5,1", "JOBS": "2",
@@ -156,6 +157,19 @@ def test_no_markdown_cell_states_a_measured_number():
     # the checker can fail
     assert [m.group(0) for m in MEASURED.finditer("ID 95.4, 61 % kept, 204 of 2000, §5.1")] == \
         ["95.4", "61 %", "204 of 2000"]
+
+
+def test_the_labs_links_resolve():
+    """Its Markdown cells and the Markdown it prints (lab.say) link to files and headings that
+    exist (the checker of tests/test_docs.py, from docs/ as the notebooks sit there)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_docs import check_links
+    text = SOURCE.read_text(encoding="utf-8")
+    markdown = [c.source for c in notebooks.read_source().cells if c.cell_type == "markdown"]
+    said = [line for line in text.splitlines() if "](" in line and not line.startswith("#")]
+    assert said and len(markdown) > 20                   # both kinds were found
+    assert check_links("\n".join(markdown + said), SOURCE) == []
+    assert check_links("[gone](toy-world.md#no-such-heading)", SOURCE) != []
 
 
 def probe_cell(found):

@@ -129,6 +129,8 @@ def test_the_student_gets_stubs_and_no_solutions():
     full = nbformat.read(str(notebooks.FULL), as_version=4)
     solutions = [c for c in full.cells if "solution" in tags(c)]
     assert len(solutions) >= len(found)
+    student_text = "\n".join(c.source for c in student.cells)
+    assert not [c.source[:60] for c in solutions if c.source in student_text]
     for c in solutions:
         if c.cell_type == "code":
             assert c.metadata["jupyter"]["source_hidden"] is True

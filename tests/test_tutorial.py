@@ -220,8 +220,8 @@ def test_the_lab_runs_through_a_kernel_and_each_check_fails_on_its_stub(tmp_path
     # the kernel is this interpreter (under `make test`, the project's .venv)
     assert Path(probe["executable"]).resolve() == Path(sys.executable).resolve()
     # every check rejects its stub and each wrong answer; the solutions passed during the run
-    assert probe["checks"] and all(v == "CheckFailed" for v in probe["checks"].values()), \
-        probe["checks"]
+    not_rejected = {k: v for k, v in probe["checks"].items() if v != "CheckFailed"}
+    assert probe["checks"] and not not_rejected, not_rejected
     assert len(probe["checks"]) == len(found) + sum(len(w) for w in WRONG.values())
     # the lab's own accuracies of section 2 are evaluate.py's (the same images; a near-tie may
     # flip one image: float sums grouped differently)

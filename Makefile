@@ -96,15 +96,26 @@ demo-report-%: demo-finetune-%
 	    --out $(DEMO)/report_$* --results $(DEMO)/interpret.jsonl > /dev/null
 
 # ---------------------------------------------------------------------------------------------
-# The tutorial (docs/tutorial.py; the same cells as docs/tutorial.ipynb): the paper's story on
-# the toy world, run as a plain script; figures and numbers go to runs/tutorial/. Its settings
-# are TUTORIAL_* environment variables (the script's settings cell). `make notebook` re-makes
-# docs/tutorial.ipynb from docs/tutorial.py, executing it on the defaults to keep the outputs.
+# The lab (docs/tutorial.md): one source, docs/tutorial.py (jupytext's percent format), makes
+# docs/tutorial-student.ipynb (exercises as stubs) and docs/tutorial.ipynb (solutions collapsed,
+# with the outputs of one run). `make lab` installs JupyterLab into .venv (once) and opens the
+# student notebook there, so its kernel is the project's interpreter; `make notebook` re-makes
+# both notebooks, executing the full one through a Jupyter kernel; `make tutorial` runs the
+# full lab as a plain script. Settings: TUTORIAL_* environment variables (its first cell).
+LAB_NOTEBOOK ?= docs/tutorial-student.ipynb
+
+.venv/lab-installed: .venv/installed
+	$(PY) -m pip install --quiet jupyterlab
+	touch .venv/lab-installed
+
+lab: .venv/lab-installed
+	.venv/bin/jupyter lab $(LAB_NOTEBOOK)
+
 tutorial: .venv/installed
 	MPLBACKEND=Agg $(PY) docs/tutorial.py
 
 notebook: .venv/installed
-	$(PY) scripts/notebook.py docs/tutorial.py docs/tutorial.ipynb --execute
+	$(PY) scripts/tutorial_notebooks.py
 
 # ---------------------------------------------------------------------------------------------
 # The ID–OOD frontier sweep (docs/toy-world.md: "When does SAE-FT beat L2?"): every method
@@ -128,4 +139,4 @@ frontier-ablations: .venv/installed
 # demo-finetune-% and demo-report-% are not listed: make applies no pattern rule to a phony
 # target. No file has their names, so they run every time all the same.
 .PHONY: install test mutation demo demo-run demo-world demo-sae demo-evaluate frontier \
-        frontier-ablations tutorial notebook
+        frontier-ablations lab tutorial notebook

@@ -514,8 +514,11 @@ def frontier_plot(zero_shot, curves, levels, out, id_name="ID", ood_names=()):
                 "in the table", transform=ax.transAxes, ha="right", va="bottom", fontsize=7)
     for lv in levels:
         ax.axvline(lv, color="grey", lw=0.5, ls=":")
+    seeds = {seed for by_seed in curves.values() for seed in by_seed}
+    spread = "one seed, no error bars" if len(seeds) == 1 else \
+        f"mean ± std over {len(seeds)} seeds"
     finish_figure(fig, ax, out, id_name, ood_names,
-                  "ID–OOD frontiers (mean ± std over seeds; dotted: matched ID levels)")
+                  f"ID–OOD frontiers ({spread}; dotted: matched ID levels)")
     return hidden
 
 

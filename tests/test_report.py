@@ -169,3 +169,16 @@ def test_preservation_is_read_at_matched_id_along_each_curve():
     for r in recs:
         r.pop("overlap", None)
     assert "evaluated without --sae" in report.preservation_report(recs, [94.5])
+
+
+def test_frontier_plot_title_says_how_many_seeds(tmp_path, monkeypatch):
+    """"mean ± std over seeds" only over several seeds; one seed is said to be one."""
+    titles = []
+    monkeypatch.setattr(report, "finish_figure", lambda fig, ax, out, i, o, title:
+                        titles.append(title))
+    path = [(0.0, 96.0, 84.0), (100.0, 93.0, 89.0), (math.inf, 90.0, 90.0)]
+    report.frontier_plot((90.0, 90.0), {"l2": {0: path}}, [92.0], tmp_path / "a.png")
+    report.frontier_plot((90.0, 90.0), {"l2": {s: path for s in (0, 1, 2)}}, [92.0],
+                         tmp_path / "b.png")
+    assert "one seed, no error bars" in titles[0] and "mean ± std" not in titles[0]
+    assert "mean ± std over 3 seeds" in titles[1]

@@ -7,8 +7,9 @@ Face hub id) and gets back a `datasets.Dataset` with exactly two columns, `image
 integers. A stage then asks for batches or embeddings with a few calls:
 
     make_loader, extract_embeddings     (images, labels) batches of a set; h (N, d) of a model
-    TrainImages, train_batches          fine-tuning micro-batches in an order fixed by (seed,
-                                        epoch), model-ready on the device (exact resume)
+    SeededImages, epoch_loader,         fine-tuning micro-batches in an order fixed by (seed,
+    on_device                           epoch) (exact resume), model-ready on the device
+    SetBatches                          an eval set's batches for several models, kept if small
     image_tensor                        a small fixed set of images as one model-ready tensor
     readable                            the rows whose image could be read (--skip-bad-images)
     cached_embeddings                   computed once, read from disk after

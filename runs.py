@@ -17,13 +17,17 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     save_checkpoint, load_checkpoint   checkpoint.pt, atomic, loadable with weights_only=True
     first_non_finite                   nothing inf/NaN reaches a checkpoint
     truncate_jsonl                     on resume, drop log lines written after the checkpoint
+    resumable_checkpoint, RunState     a fine-tuning run's position (step, epoch, last save,
+                                       skipped images, rank gate): resume, log / probe /
+                                       checkpoint after a step, a clean stop at a bad image
     read_run, Run                      a finetune.py output folder and what its config says
     dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
     gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
     Progress, progress                 a tqdm bar on a terminal, plain periodic lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
-the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
+the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`). An unreadable image is a
+BadImage (defined here, raised by data.py), and SKIP_FLAG names the flag that skips them.
 """
 import argparse
 import contextlib

@@ -311,3 +311,39 @@ def test_sae_ft_loss_is_ce_plus_lambda_r(tiny_clip_dir, sae_dir):
     out.loss.backward()
     assert all(p.grad is None for p in [*f0.parameters(), *sae.parameters()])
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in clf.visual.parameters())
+
+
+def test_run_state_logs_probes_and_checkpoints_when_due(tmp_path, capsys):
+    """runs.RunState on its own: a fresh start clears an earlier run's files and probes step 0;
+    after each step it logs every --log-every steps, probes every --probe-every, checkpoints at
+    the epoch's end and the last step (--save-every 0), all with the last step; it rolls the
+    epoch over, counts the images a step left out, and a bad image stops with the way on."""
+    from types import SimpleNamespace
+    import runs
+    (tmp_path / "summary.json").write_text("{}")               # left by an earlier run
+    args = SimpleNamespace(out=str(tmp_path), batch_size=4, accum_steps=2, log_every=2,
+                           probe_every=3, save_every=0)
+    run = runs.RunState(args, None, steps_per_epoch=4, stop=5, line=lambda r: f"line {r['step']}")
+    model = torch.nn.Linear(2, 2)
+    run.resume(model, torch.optim.SGD(model.parameters(), lr=0.1),
+               probe=lambda step: {"step": step})
+    assert not (tmp_path / "summary.json").exists()
+    ends = []
+    with run.progress("test"):
+        while run.step < run.stop:
+            images = 6 if run.step == 1 else 8                     # step 2 skipped 2 images
+            ends.append(run.after_step(images, {"ce": 1.0}, probe=lambda step: {"step": step}))
+    assert ends == [False, False, False, True, False]
+    assert [r["step"] for r in read_jsonl(tmp_path / "train_log.jsonl")] == [2, 4, 5]
+    assert read_jsonl(tmp_path / "train_log.jsonl")[1]["epoch"] == 1.0
+    assert [r["step"] for r in read_jsonl(tmp_path / "probe.jsonl")] == [0, 3, 5]
+    assert capsys.readouterr().out.split() == ["line", "2", "line", "4", "line", "5"]
+    assert (run.epoch, run.position, run.skipped, run.saved) == (1, 1, 2, 5)
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["pos"], ckpt["skipped_images"]) == (5, 1, 1, 2)
+    with pytest.raises(runs.UserError) as e:
+        with run.stop_at_bad_image():
+            raise runs.BadImage("cannot decode image x.jpg")
+    assert str(e.value) == (f"cannot decode image x.jpg. The run is saved at step 5 "
+                            f"({tmp_path / 'checkpoint.pt'}): to go on, run the same command "
+                            "with --resume --skip-bad-images")

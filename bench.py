@@ -26,7 +26,8 @@ nothing at inference. This measures it, in ONE run on the same model and the sam
      tensors already on the device.
 
 The step is finetune.py's own `finetune_step` (--accum-steps 1); the breakdown times its phases
-through the step's `mark` hook. Targets:
+from outside the method (forward hooks on the two towers, wrappers of finetune.sae_ft_loss and
+finetune.backward while it runs: phase_marks). Targets:
 sae-preserve / l2 ≤ 1.05×, sae-preserve / none ≤ 1.40×, grad checkpointing peak ≤ 0.5× of
 without (ViT-B/16, batch 64, CUDA only), SAE training ≥ 50 % of the dense-matmul bound.
 
@@ -45,6 +46,7 @@ Prints a Markdown table (as in docs/benchmarks.md) and, with --out, writes every
 """
 import argparse
 import concurrent.futures
+import contextlib
 import io
 import json
 import multiprocessing
@@ -298,13 +300,13 @@ def step_settings(reg, amp):
                            sae_space="unit", **REG_WEIGHTS)
 
 
-def train_step(ctx, x, y, reg, mode, mark=None):
+def train_step(ctx, x, y, reg, mode):
     """One finetune.finetune_step. mode: "frozen" (h0 = f0(x) every step, finetune.py's default),
     "cached" (h0 read from a precomputed CPU table, finetune.py --cache-zero-shot) or "skip"
     (no frozen forward: finetune.py's --reg none)."""
     finetune.finetune_step(ctx.clf, ctx.f0 if mode == "frozen" else None, ctx.sae, ctx.opt,
                            [(x, y, ctx.idx)], step_settings(reg, ctx.amp),
-                           ctx.h0_cache if mode == "cached" else None, mark)
+                           h0_cache=ctx.h0_cache if mode == "cached" else None)
 
 
 @torch.no_grad()
@@ -342,18 +344,19 @@ def time_steps(ctx, x, y, args):
 # ============================================================================================
 
 def breakdown(ctx, x, y, args, reg="sae-preserve"):
-    """Median ms of each phase of the step, timed through finetune_step's `mark` hook (the
-    device is synchronised at each mark), plus the SAE encode of both sides (forward only, as
-    the regulariser runs it) timed alone on the batch's h (with its graph) and h0."""
-    names = {"zero_shot_target": "frozen_forward"}         # the hook's phase → this table's
+    """Median ms of each phase of the step, timed from outside it (phase_marks; the device is
+    synchronised at each mark), plus the SAE encode of both sides (forward only, as the
+    regulariser runs it) timed alone on the batch's h (with its graph) and h0."""
     phases = {k: [] for k in PHASES}
     for r in range(args.warmup + args.steps):
-        marks = [("start", clock(ctx.device))]
-        train_step(ctx, x, y, reg, "frozen",
-                   mark=lambda phase: marks.append((phase, clock(ctx.device))))
+        marks = []
+        with phase_marks(ctx, marks):
+            marks.append(("start", clock(ctx.device)))
+            train_step(ctx, x, y, reg, "frozen")
+            marks.append(("optimiser", clock(ctx.device)))   # the step's rest: its update
         if r >= args.warmup:
             for (_, t0), (phase, t1) in zip(marks, marks[1:]):
-                phases[names.get(phase, phase)].append(t1 - t0)
+                phases[phase].append(t1 - t0)
     out = {k: stats_ms(v)["median"] for k, v in phases.items()}
     out["total"] = sum(out.values())
     with torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp):
@@ -362,6 +365,33 @@ def breakdown(ctx, x, y, args, reg="sae-preserve"):
     out["sae_encode_both"] = 1e3 * median_time(lambda: encode_both(ctx.sae, h, h0), ctx.device,
                                                max(3, args.steps))
     return out
+
+
+@contextlib.contextmanager
+def phase_marks(ctx, marks):
+    """Mark the phases of finetune.finetune_step as it runs, from outside its code: a forward
+    hook on the trained classifier (its forward ends) and on the frozen tower (the frozen
+    forward ends), and wrappers of the step's own finetune.sae_ft_loss (the loss is computed)
+    and finetune.backward (backward ends), put back on exit. Appends (phase, clock) pairs."""
+    def mark(phase):
+        marks.append((phase, clock(ctx.device)))
+
+    def timed(fn, phase):
+        def run(*a, **kw):
+            out = fn(*a, **kw)
+            mark(phase)
+            return out
+        return run
+    loss, backward = finetune.sae_ft_loss, finetune.backward
+    hooks = [ctx.clf.register_forward_hook(lambda *_: mark("forward")),
+             ctx.f0.register_forward_hook(lambda *_: mark("frozen_forward"))]
+    finetune.sae_ft_loss, finetune.backward = timed(loss, "loss"), timed(backward, "backward")
+    try:
+        yield
+    finally:
+        finetune.sae_ft_loss, finetune.backward = loss, backward
+        for hook in hooks:
+            hook.remove()
 
 
 def encode_both(sae, h, h0):
@@ -410,7 +440,7 @@ def memory_probe(s):
     torch.set_num_threads(s["threads"])
     device = torch.device(s["device"])
     clf, f0, sae, opt = build(s["model"], s["num_classes"], device, s["seed"], s["expansion"],
-                              s["k"], s["ckpt"])
+                              s["k"], grad_checkpointing=s["ckpt"])
     x, y = make_batch(s["model"], s["batch_size"], s["num_classes"], device, s["seed"])
     ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=s["bf16"],
                           idx=torch.arange(len(y)))
@@ -473,8 +503,8 @@ def measure_memory(args, device):
 def sae_train_step(sae, opt, h_train, order, since_fired, dead_samples, lr, aux_k=256,
                    aux_coef=1 / 32, clip=1.0):
     """train_sae.py's loop body: the batch gather, then its sae_step itself."""
-    return train_sae.sae_step(sae, opt, h_train[order], since_fired, dead_samples, lr, 0, aux_k,
-                              aux_coef, clip)[0]
+    return train_sae.sae_step(sae, opt, h_train[order], since_fired, dead_samples, lr=lr, step=0,
+                              aux_k=aux_k, aux_coef=aux_coef, clip=clip)[0]
 
 
 def matmul_flops(B, d, n, device, reps):
@@ -506,7 +536,7 @@ def bench_sae_training(args, device):
         orders = [torch.randperm(4 * B, generator=gd)[:B].to(device) for _ in range(4)]
         step = iter(range(10 ** 9))
         t = median_time(lambda: sae_train_step(sae, opt, h_train, orders[next(step) % 4],
-                                               since, 10 ** 12, 1e-4),
+                                               since, 10 ** 12, lr=1e-4),
                         device, args.sae_steps, warmup=2)
         flops = (12 + (6 if dead_frac > 0 else 0)) * B * d * n   # 3 × fwd, dense decoder/AuxK
         bound = flops_s / (flops / B)
@@ -783,8 +813,8 @@ def profile_sae_step(args, device):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     since = torch.zeros(n, dtype=torch.long, device=device)
     order = torch.arange(B, device=device)
-    return profile_top(lambda: sae_train_step(sae, opt, h_train, order, since, 10 ** 12, 1e-4),
-                       device)
+    return profile_top(lambda: sae_train_step(sae, opt, h_train, order, since, 10 ** 12,
+                                              lr=1e-4), device)
 
 
 if __name__ == "__main__":

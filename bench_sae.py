@@ -57,8 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train_sae  # noqa: E402  (the real training loop and step)
-from data import UserError  # noqa: E402
-from runs import append_jsonl, read_jsonl  # noqa: E402
+from runs import UserError, append_jsonl, read_jsonl  # noqa: E402
 from sae import SAEOutput, TopKSAE  # noqa: E402
 
 
@@ -253,7 +252,8 @@ def interleaved_step_ms(h_train, k, dead_fraction, args, rounds=10):
         batch = h_train[torch.randint(N, (B,), generator=g).to(h_train.device)]
         trainer.n_forward_passes_since_fired = torch.where(dead, 2.0 * 10 ** 9, 0.0)
         for name, step in (("this project", lambda: train_sae.sae_step(
-                ours, opt, batch, since, 10 ** 12, 1e-4, r, args.aux_k, args.aux_coef)),
+                ours, opt, batch, since, 10 ** 12, lr=1e-4, step=r, aux_k=args.aux_k,
+                aux_coef=args.aux_coef)),
                 ("SAELens", lambda: trainer.step(batch))):
             t = time.perf_counter()
             step()

@@ -1,3 +1,4 @@
+# Reading order: settings (parse_args) → method (embed, measure) → loop (evaluate).
 """Stage 3 — evaluate zero-shot, fine-tuned and WiSE-FT CLIP models: accuracy under distribution
 shift and representation drift against the zero-shot model (§4, §6).
 
@@ -12,7 +13,7 @@ Models (rows of the table; θ0 = the zero-shot classifier, θ1 = a fine-tuned ru
 For each (model, eval set) the images are embedded once, h = f(img) (N, d), and both the accuracy
 and the representation analysis are computed from those embeddings:
     top1          accuracy (%) of logits = head(h/||h||); the ImageNet test sets are scored as the
-                  paper does (data.score_logits: ImageNet-R/-A on their 200-class subsets,
+                  paper does (eval_sets.score_logits: ImageNet-R/-A on their 200-class subsets,
                   ObjectNet as the max over its mapped ImageNet logits)
     cka           linear CKA(zero-shot, model) on the same images (Kornblith et al. 2019), on
                   unit-normalised embeddings (the directions the cosine head classifies)
@@ -32,12 +33,12 @@ printed at the end and the ID-vs-OOD figure (--plot) are made from those lines.
 
 Eval sets (--sets; --id-set marks the ID set, every other set counts toward the OOD mean):
     imagenet imagenet-v2 imagenet-r imagenet-a imagenet-sketch objectnet
-                        the paper's ImageNet test sets (data.EVAL_SETS: sources, label spaces,
-                        scoring); the hub copy by default, or a local folder with NAME=PATH or
-                        --data-root ROOT (ROOT/NAME or ROOT/<the release's folder name>)
+                        the paper's ImageNet test sets (eval_sets.EVAL_SETS: sources, label
+                        spaces, scoring); the hub copy by default, or a local folder with
+                        NAME=PATH or --data-root ROOT (ROOT/NAME or ROOT/<the release's folder>)
     iwildcam-id iwildcam-ood fmow-id fmow-ood
                         §6.4: the WILDS ID / OOD test splits (id_test / test) of a folder the
-                        `wilds` package wrote (data.WILDS_DATA): NAME=ROOT/iwildcam_v2.0 or
+                        `wilds` package wrote (eval_sets.WILDS_DATA): NAME=ROOT/iwildcam_v2.0 or
                         --data-root ROOT; scored with the benchmark's own metric as well
     NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]
                         any other dataset (save_to_disk folder, image folder, hub id; split
@@ -46,8 +47,9 @@ Eval sets (--sets; --id-set marks the ID set, every other set counts toward the 
 text tower (a new head from that dataset's class names × templates); reported beside, not in,
 the OOD mean.
     cifar10 cifar100 dtd stl10
-                        by name (data.TRANSFER_SETS: source and split, the CLIP paper's class
-                        names and templates); the hub copy by default, or NAME=PATH / --data-root
+                        by name (eval_sets.TRANSFER_SETS: source and split, the CLIP paper's
+                        class names and templates); the hub copy by default, or NAME=PATH /
+                        --data-root
     NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]
                         any other dataset: its ClassLabel names, the zero-shot head's templates
                         (or --transfer-templates)
@@ -96,11 +98,12 @@ import torch
 import torch.nn.functional as F
 
 import data
+import eval_sets
 import losses
 import models
 import report
-import runs as runs_io
-from data import UserError
+import runs
+from runs import UserError
 
 SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (WiSE-FT's α sweep)
 
@@ -111,7 +114,7 @@ SWEEP = [i / 10 for i in range(11)]  # 0, 0.1, …, 1 (WiSE-FT's α sweep)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=runs_io.HelpFormatter,
+        description=__doc__.split("\n\n")[0], formatter_class=runs.HelpFormatter,
         epilog="Tables and figures from the JSON lines alone: python report.py --help. "
                "Module docstring: the commands for the tiny CPU run and the ImageNet "
                "evaluation.")
@@ -140,21 +143,22 @@ def parse_args(argv=None):
                    "--out) for FVU / feature preservation / entropy / dead features")
     g = p.add_argument_group("data")
     g.add_argument("--sets", nargs="+", required=True, metavar="SET",
-                   help=f"eval sets: {', '.join(data.EVAL_SETS)} (optionally NAME=PATH); the "
-                        f"WILDS test splits {', '.join(data.WILDS_SETS)} (NAME=WILDS_FOLDER or "
-                        "--data-root); or NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+                   help=f"eval sets: {', '.join(eval_sets.EVAL_SETS)} (optionally NAME=PATH); "
+                        f"the WILDS test splits {', '.join(eval_sets.WILDS_SETS)} "
+                        "(NAME=WILDS_FOLDER or --data-root); or "
+                        "NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
     g.add_argument("--id-set", default=None, help="the ID set (default: the first of --sets); "
                    "every other set counts toward the OOD mean")
     g.add_argument("--transfer", nargs="*", default=[], metavar="SET",
                    help=f"zero-shot transfer sets (§6.3), scored with a head from their own "
-                        f"class names: {', '.join(data.TRANSFER_SETS)} (optionally NAME=PATH), "
-                        "or NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
+                        f"class names: {', '.join(eval_sets.TRANSFER_SETS)} (optionally "
+                        "NAME=PATH), or NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
     g.add_argument("--transfer-templates", default=None, help="templates for every transfer "
                    "head (default: a named set's own, the CLIP paper's; else those of the "
                    "zero-shot head)")
     g.add_argument("--data-root", default=None, help="folder holding local copies of the "
-                   "named sets (ROOT/NAME or ROOT/<release folder>: data.EVAL_SETS, "
-                   "data.TRANSFER_SETS, data.WILDS_DATA)")
+                   "named sets (ROOT/NAME or ROOT/<release folder>: eval_sets.EVAL_SETS, "
+                   "eval_sets.TRANSFER_SETS, eval_sets.WILDS_DATA)")
     g.add_argument("--image-column", default="image", help="image column of NAME=SOURCE sets")
     g.add_argument("--label-column", default="label", help="label column of NAME=SOURCE sets")
     g.add_argument("--max-samples", type=int, default=None, help="a fixed random subset of this "
@@ -167,13 +171,13 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda, cuda:N or cpu")
-    runs_io.add_amp_flag(g, "the image embeddings (heads, WiSE-FT and metrics stay fp32)")
+    runs.add_amp_flag(g, "the image embeddings (heads, WiSE-FT and metrics stay fp32)")
     g.add_argument("--results", default="results.jsonl", help="append one JSON line per "
                    "(model, eval set) here")
     g.add_argument("--plot", default=None, metavar="PNG", help="draw the ID-vs-OOD-mean figure "
                    "(WiSE-FT curves) here")
     args = p.parse_args(argv)
-    args.amp = runs_io.resolve_amp(args.amp, args.device)   # in every results line
+    args.amp = runs.resolve_amp(args.amp, args.device)   # in every results line
     return args
 
 
@@ -182,11 +186,11 @@ def check_outputs(args):
     written. --results needs no lock: each line is appended whole (runs.append_jsonl) and
     carries this invocation's eval_id, and the table reads back only those lines; a results
     file already there must be readable, as it is read back at the end."""
-    runs_io.check_ranges(args, {"max_samples": "[1, inf)", "batch_size": "[1, inf)",
+    runs.check_ranges(args, {"max_samples": "[1, inf)", "batch_size": "[1, inf)",
                                 "workers": "[0, inf)"})
-    runs_io.check_device(args.device)
-    runs_io.check_writable(args.results, "--results", folder=False)
-    runs_io.read_jsonl(args.results, missing_ok=True)
+    runs.check_device(args.device)
+    runs.check_writable(args.results, "--results", folder=False)
+    runs.read_jsonl(args.results, missing_ok=True)
     if args.plot:
         report.check_figure(args.plot, "--plot")
 
@@ -213,8 +217,8 @@ class SetSpec:
     """One eval set as written on the command line."""
     name: str
     role: str                   # "id" | "ood" | "transfer"
-    kind: str                   # "imagenet" (data.EVAL_SETS), "wilds" (data.WILDS_SETS),
-                                # "transfer" (data.TRANSFER_SETS) or "generic" (NAME=SOURCE)
+    kind: str                   # "imagenet" (eval_sets.EVAL_SETS), "wilds" (eval_sets.WILDS_SETS),
+                                # "transfer" (eval_sets.TRANSFER_SETS) or "generic" (NAME=SOURCE)
     source: str | None = None   # None: the set's default (hub copy / --data-root)
     split: str | None = None
     image_column: str | None = None
@@ -222,15 +226,15 @@ class SetSpec:
 
     @property
     def builtin(self):
-        """An ImageNet test set, scored in its own label space (data.score_logits)."""
+        """An ImageNet test set, scored in its own label space (eval_sets.score_logits)."""
         return self.kind == "imagenet"
 
 
 def set_kind(name, role):
     if role == "transfer":
-        return "transfer" if name in data.TRANSFER_SETS else "generic"
-    return ("imagenet" if name in data.EVAL_SETS else
-            "wilds" if name in data.WILDS_SETS else "generic")
+        return "transfer" if name in eval_sets.TRANSFER_SETS else "generic"
+    return ("imagenet" if name in eval_sets.EVAL_SETS else
+            "wilds" if name in eval_sets.WILDS_SETS else "generic")
 
 
 def parse_set(text, role):
@@ -239,8 +243,8 @@ def parse_set(text, role):
     kind = set_kind(name, role)
     if not eq:
         if kind == "generic":
-            what, known = (("transfer set", data.TRANSFER_SETS) if role == "transfer" else
-                           ("eval set", [*data.EVAL_SETS, *data.WILDS_SETS]))
+            what, known = (("transfer set", eval_sets.TRANSFER_SETS) if role == "transfer" else
+                           ("eval set", [*eval_sets.EVAL_SETS, *eval_sets.WILDS_SETS]))
             raise UserError(f"unknown {what} '{name}'; known: {', '.join(known)}, or give any "
                             "dataset as NAME=SOURCE[:SPLIT[:IMAGE_COLUMN:LABEL_COLUMN]]")
         return SetSpec(name, role, kind)
@@ -258,93 +262,115 @@ def parse_sets(args):
     id_set = args.id_set or args.sets[0].partition("=")[0]
     specs = [parse_set(t, "id" if t.partition("=")[0] == id_set else "ood") for t in args.sets]
     specs += [parse_set(t, "transfer") for t in args.transfer]
-    names = [s.name for s in specs]
+    names = [spec.name for spec in specs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"eval set name(s) used twice: {dup}; give each set its own NAME=")
-    if id_set not in [s.name for s in specs if s.role == "id"]:
+    if id_set not in [spec.name for spec in specs if spec.role == "id"]:
         raise UserError(f"--id-set {id_set} is not one of --sets: "
-                        f"{[s.name for s in specs if s.role != 'transfer']}")
+                        f"{[spec.name for spec in specs if spec.role != 'transfer']}")
     return specs
 
 
+def read_settings(args):
+    """(runs, WiSE-FT α list, set specs, θ0's settings): the command line read and checked,
+    before any model or image is loaded."""
+    check_outputs(args)
+    alphas = parse_alphas(args.wise_alphas)
+    specs = parse_sets(args)
+    if args.plot and not any(spec.role == "ood" for spec in specs):
+        raise UserError("--plot needs at least one OOD set (a set in --sets besides --id-set)")
+    ft_runs = [runs.read_run(d) for d in args.runs]
+    unknown = ({Path(d).resolve() for d in args.wise_runs or []}
+               - {Path(d).resolve() for d in args.runs})
+    if unknown:
+        raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
+                        "them there too")
+    return ft_runs, alphas, specs, zero_shot_settings(args, ft_runs)
+
+
 # ============================================================================================
-# The method: embed → accuracy → WiSE-FT → drift against zero-shot (§4, §6)
+# The method: what is measured (`measure`): accuracy, drift against zero-shot (§4, §6)
 # ============================================================================================
 
-def embed(clf, s, preprocess, args):
-    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. A set
-    whose transformed images fit in data.KEEP_BYTES is decoded once and kept (s.batches) for
-    the next model: the same inputs (one process only: under torchrun the loader's shard tells
-    extract_outputs to gather). --skip-bad-images: the unreadable images' rows are dropped, the
-    same for every model, and counted in s.skipped."""
-    batches = s.batches
-    transform = data.eval_transform(s.spec.name if s.spec.builtin else None, preprocess)
-    normalise = data.split_transform(transform)[1]   # the kept batches are uint8 (4x smaller)
-    if batches is None:
-        batches = data.make_loader(s.dataset, transform, args.batch_size, workers=args.workers,
-                                   shard=True,           # torchrun: each rank its share
-                                   skip_bad=args.skip_bad_images)
-        x = batches.dataset[0][0] if len(s.dataset) else torch.empty(0)      # one image
-        if runs_io.world_size() == 1 and \
-                len(s.dataset) * x.nelement() * x.element_size() <= data.KEEP_BYTES:
-            batches = s.batches = list(batches)
-    (h,), labels = data.extract_outputs(clf.encode, batches, args.device, amp=args.amp,
-                                        desc=s.spec.name, normalise=normalise)
-    readable = labels != data.UNREADABLE
-    if s.skipped == 0 and not readable.all():              # the first model: count, warn once
-        s.skipped = int((~readable).sum())
-        if runs_io.is_main():
-            data.skip_warning(s.skipped, f"eval set {s.spec.name}")
-        if s.groups is not None:                           # FMoW regions, row by row
-            s.groups = s.groups[readable]
+def embed(clf, eval_set, preprocess, args):
+    """h (N, d) unnormalised embeddings and labels (N,), the set's own eval transform. The set's
+    batches (data.SetBatches) are made for the first model and, when small, kept: every model
+    then sees the very same inputs. --skip-bad-images: the unreadable images' rows are dropped,
+    the same for every model, and counted in eval_set.skipped."""
+    if eval_set.batches is None:
+        transform = eval_sets.eval_transform(
+            eval_set.spec.name if eval_set.spec.builtin else None, preprocess)
+        eval_set.batches = data.SetBatches(eval_set.dataset, transform, args.batch_size,
+                                           workers=args.workers, skip_bad=args.skip_bad_images)
+    (h,), labels = data.extract_outputs(clf.encode, eval_set.batches, args.device, amp=args.amp,
+                                        desc=eval_set.spec.name)
+    readable = data.readable(labels)
+    if eval_set.skipped == 0 and not readable.all():      # the first model: count, warn once
+        eval_set.skipped = int((~readable).sum())
+        if runs.is_main():
+            data.skip_warning(eval_set.skipped, f"eval set {eval_set.spec.name}")
+        if eval_set.groups is not None:                   # FMoW regions, row by row
+            eval_set.groups = eval_set.groups[readable]
     return h[readable], labels[readable]
 
 
+def measure(clf, eval_set, h, labels, h0, sae):
+    """What is measured of one model on one eval set, from its embeddings h (N, d) and the
+    zero-shot model's h0 (N, d) of the same images: top-1 in the set's label space (and a WILDS
+    set's own metric, §6.4), then the drift against zero-shot (§4: CKA; through the SAE FVU,
+    feature preservation, L0, entropy, dead features)."""
+    device = clf.head.weight.device
+    top1, n_classes = accuracy(clf, h, labels, eval_set, device)
+    return {"top1": top1, "n_classes": n_classes,
+            **benchmark_metrics(clf, h, labels, eval_set, device),
+            **representation_metrics(h, h0, sae, device)}
+
+
 @torch.no_grad()
-def set_logits(clf, h, s, device):
+def set_logits(clf, h, eval_set, device):
     """Logits = head(h/||h||) (N, C) in the set's label space: ImageNet test sets go through
-    data.score_logits (200-class subsets, ObjectNet max-pooling), transfer sets use their own
+    eval_sets.score_logits (200-class subsets, ObjectNet max-pooling), transfer sets use their own
     head."""
     x = F.normalize(h, dim=-1)
-    if s.head is not None:                                   # transfer: the set's own head
-        return x @ s.head.T
+    if eval_set.head is not None:                                   # transfer: the set's own head
+        return x @ eval_set.head.T
     logits = clf.head(x.to(device)).float().cpu()            # (N, C)
-    if s.spec.builtin:
-        logits = data.score_logits(logits, s.spec.name)      # (N, C_set)
+    if eval_set.spec.builtin:
+        logits = eval_sets.score_logits(logits, eval_set.spec.name)      # (N, C_set)
     return logits
 
 
-def accuracy(clf, h, labels, s, device):
+def accuracy(clf, h, labels, eval_set, device):
     """Top-1 (%) and the number of classes scored."""
-    logits = set_logits(clf, h, s, device)
+    logits = set_logits(clf, h, eval_set, device)
     top1 = (logits.argmax(-1) == labels).double().mean().item() * 100
     return top1, logits.shape[-1]
 
 
-def benchmark_metrics(clf, h, labels, s, device):
+def benchmark_metrics(clf, h, labels, eval_set, device):
     """§6.4: a WILDS set's own metric, in %: macro-F1 over the classes present (iWildCam), or
     the accuracy of each region and the worst region's, Other excluded (FMoW). {} otherwise."""
-    if s.spec.kind != "wilds":
+    if eval_set.spec.kind != "wilds":
         return {}
-    pred = set_logits(clf, h, s, device).argmax(-1)
-    if s.groups is None:
+    pred = set_logits(clf, h, eval_set, device).argmax(-1)
+    if eval_set.groups is None:
         return {"macro_f1": 100 * losses.macro_f1(pred, labels)}
-    by_group = losses.accuracy_by_group(pred, labels, s.groups)
-    regions = {s.group_names[g]: (acc, n) for g, (acc, n) in by_group.items()}
-    ranked = [acc for name, (acc, _) in regions.items() if name != data.FMOW_OTHER_REGION]
+    by_group = losses.accuracy_by_group(pred, labels, eval_set.groups)
+    regions = {eval_set.group_names[g]: (acc, n) for g, (acc, n) in by_group.items()}
+    ranked = [acc for name, (acc, _) in regions.items() if name != eval_sets.FMOW_OTHER_REGION]
     return {"worst_region": 100 * min(ranked) if ranked else None,
             "region_top1": {name: 100 * acc for name, (acc, _) in sorted(regions.items())},
             "region_n": {name: n for name, (_, n) in sorted(regions.items())}}
 
 
-def model_state(spec, zs_state, ft_state):
+def model_state(spec, state0, state1):
     """The weights of one model: θ0, θ1, or θ_α = (1 − α)θ0 + αθ1 (WiSE-FT)."""
     if spec.kind == "zero-shot":
-        return zs_state
+        return state0
     if spec.kind == "ft":
-        return ft_state
-    return models.wise_ft(zs_state, ft_state, spec.alpha)
+        return state1
+    return models.wise_ft(state0, state1, spec.alpha)
 
 
 @torch.no_grad()
@@ -380,66 +406,55 @@ def representation_metrics(h, h0, sae, device, chunk=8192):
 # ============================================================================================
 
 def evaluate(args):
-    # ---- settings (fail fast, before any model or image is loaded)
-    check_outputs(args)
-    alphas = parse_alphas(args.wise_alphas)
-    specs = parse_sets(args)
-    if args.plot and not any(s.role == "ood" for s in specs):
-        raise UserError("--plot needs at least one OOD set (a set in --sets besides --id-set)")
-    runs = [runs_io.read_run(d) for d in args.runs]
-    unknown = ({Path(d).resolve() for d in args.wise_runs or []}
-               - {Path(d).resolve() for d in args.runs})
-    if unknown:
-        raise UserError(f"--wise-runs {sorted(map(str, unknown))} are not among --runs; list "
-                        "them there too")
-    zs = zero_shot_settings(args, runs)
+    """Every (model, eval set): its embeddings computed once, what `measure` measures, one JSON
+    line each (appended as they come); then the table and figure from those lines."""
+    ft_runs, alphas, specs, theta0 = read_settings(args)   # before any model or image
     # ---- torchrun: every process embeds its share of each set; rank 0 scores and writes
-    args.device = runs_io.dist_init(args.device)
-    main = runs_io.is_main()
-    sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, zs.model, zs.pretrained,
-                                           zs.quick_gelu) if args.sae else (None, {}))
+    args.device = runs.dist_init(args.device)
+    rank0 = runs.is_main()
+    sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, theta0.model,
+                                           theta0.pretrained, theta0.quick_gelu)
+                    if args.sae else (None, {}))
     # ---- data
-    sets = [load_set(s, args) for s in specs]
-    resolve_head(zs, args, runs, sets)
-    check_labels(sets, len(zs.classnames))
+    sets = [load_set(spec, args) for spec in specs]
+    resolve_head(theta0, args, ft_runs, sets)
+    check_labels(sets, len(theta0.classnames))
     # ---- model
-    zs_clf, preprocess = build_zero_shot(zs, sets, args)
-    check_sae(sae, zs, zs_clf.head.in_features)
-    zs_state, work = cpu_state(zs_clf), zs_clf   # one network, loaded with each model's weights
-    # ---- eval: every (model, set); embeddings computed once each, lines appended as they come
+    clf0, preprocess = build_zero_shot(theta0, sets, args)
+    check_sae(sae, theta0, clf0.head.in_features)
+    state0, clf = cpu_state(clf0), clf0   # one network, loaded with each model's weights
+    # ---- eval: every (model, set)
     eval_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    h0, ft_state = {}, None
-    for spec in runs_io.progress(model_plan(runs, alphas, args.wise_runs), "evaluate",
-                                 unit="model"):
-        if spec.kind == "ft":
-            ft_state = load_run_state(spec.run, zs_state)
-        work.load_state_dict(model_state(spec, zs_state, ft_state))
-        work.eval()
-        for s in sets:
+    h0, state1 = {}, None                 # h0: the zero-shot embeddings of each set
+    for model in runs.progress(model_plan(ft_runs, alphas, args.wise_runs), "evaluate",
+                               unit="model"):
+        if model.kind == "ft":
+            state1 = load_run_state(model.run, state0)
+        clf.load_state_dict(model_state(model, state0, state1))
+        clf.eval()
+        for eval_set in sets:
             t0 = time.time()
-            h, labels = embed(work, s, preprocess, args)
-            h0.setdefault(s.spec.name, h)          # the zero-shot model comes first
-            if not main:
+            h, labels = embed(clf, eval_set, preprocess, args)
+            name = eval_set.spec.name
+            h0.setdefault(name, h)          # the zero-shot model comes first
+            if not rank0:
                 continue
-            top1, n_classes = accuracy(work, h, labels, s, args.device)
-            metrics = {"top1": top1, "n_classes": n_classes,
-                       **benchmark_metrics(work, h, labels, s, args.device),
-                       **representation_metrics(h, h0[s.spec.name], sae, args.device)}
-            rec = make_record(eval_id, spec, s, zs, args, sae_cfg, len(h), metrics)
-            runs_io.append_jsonl(args.results, rec)
+            metrics = measure(clf, eval_set, h, labels, h0[name], sae)
+            rec = make_record(eval_id, model, eval_set, theta0, args, sae_cfg=sae_cfg,
+                              n=len(h), metrics=metrics)
+            runs.append_jsonl(args.results, rec)
             progress_line(rec, time.time() - t0)
-            if spec.kind == "ft":                  # Rep. Avg. (§4): (h0 + h1) / 2
-                avg = ModelSpec("rep-avg", spec.run)
-                metrics = representation_metrics((h0[s.spec.name] + h) / 2, h0[s.spec.name],
-                                                  sae, args.device)
-                rec = make_record(eval_id, avg, s, zs, args, sae_cfg, len(h),
-                                  {"top1": None, "n_classes": None, **metrics})
-                runs_io.append_jsonl(args.results, rec)
+            if model.kind == "ft":          # Rep. Avg. (§4): (h0 + h1) / 2, drift only
+                metrics = representation_metrics((h0[name] + h) / 2, h0[name], sae, args.device)
+                rec = make_record(eval_id, ModelSpec("rep-avg", model.run), eval_set, theta0,
+                                  args, sae_cfg=sae_cfg, n=len(h),
+                                  metrics={"top1": None, "n_classes": None, **metrics})
+                runs.append_jsonl(args.results, rec)
     # ---- report, from the JSON lines just written
-    runs_io.dist_teardown()
-    if not main:
+    runs.dist_teardown()
+    if not rank0:
         return
-    mine = [r for r in runs_io.read_jsonl(args.results) if r.get("eval_id") == eval_id]
+    mine = [r for r in runs.read_jsonl(args.results) if r.get("eval_id") == eval_id]
     print(report.format_table(mine))
     print(f"appended {len(mine)} lines to {args.results}")
     if args.plot:
@@ -462,57 +477,61 @@ class ZeroShot:
     templates_name: str = ""
 
 
-def zero_shot_settings(args, runs):
+def zero_shot_settings(args, ft_runs):
     """The zero-shot model every run must have been fine-tuned from (one per invocation)."""
-    cfg = runs[0].config if runs else {}
-    for run in runs[1:]:
+    cfg = ft_runs[0].config if ft_runs else {}
+    for run in ft_runs[1:]:
         for key in ("model_name", "pretrained", "classnames"):
             if run.config.get(key) != cfg.get(key):
-                raise UserError(f"runs {runs[0].path} and {run.path} differ in {key}: evaluate "
+                raise UserError(f"runs {ft_runs[0].path} and {run.path} differ in {key}: evaluate "
                                 "runs of one zero-shot model per invocation")
-    if runs and not args.model:
-        zs = ZeroShot(cfg["model_name"], cfg.get("pretrained"),
+    if ft_runs and not args.model:
+        theta0 = ZeroShot(cfg["model_name"], cfg.get("pretrained"),
                       args.force_quick_gelu or cfg.get("force_quick_gelu"))
     else:  # a built-in name without a tag would be randomly initialised: default to openai
         name = args.model or "ViT-B-16"
         local = name.startswith(("local-dir:", "hf-hub:"))
-        zs = ZeroShot(name, args.pretrained or (None if local else "openai"),
-                      args.force_quick_gelu)
-    for run in runs:
-        if (run.config["model_name"], run.config.get("pretrained")) != (zs.model, zs.pretrained):
+        theta0 = ZeroShot(name, args.pretrained or (None if local else "openai"),
+                          args.force_quick_gelu)
+    for run in ft_runs:
+        if (run.config["model_name"], run.config.get("pretrained")) != (theta0.model,
+                                                                        theta0.pretrained):
             raise UserError(f"run {run.path} was fine-tuned from {run.config['model_name']} / "
-                            f"{run.config.get('pretrained')}, not {zs.model} / {zs.pretrained}; "
-                            "drop --model/--pretrained to use the runs' own")
-    return zs
+                            f"{run.config.get('pretrained')}, not {theta0.model} / "
+                            f"{theta0.pretrained}; drop --model/--pretrained to use the runs' own")
+    return theta0
 
 
-def resolve_head(zs, args, runs, sets):
+def resolve_head(theta0, args, ft_runs, sets):
     """Class names and templates of the zero-shot head (needs the loaded ID set)."""
     if args.classnames:
-        zs.classnames = data.read_names_file(args.classnames)
-        if runs and zs.classnames != runs[0].config["classnames"]:
+        theta0.classnames = data.read_names_file(args.classnames)
+        if ft_runs and theta0.classnames != ft_runs[0].config["classnames"]:
             raise UserError(f"--classnames {args.classnames} differ from the class names "
-                            f"{runs[0].path} was fine-tuned on; drop --classnames")
-    elif runs:
-        zs.classnames = list(runs[0].config["classnames"])
-    elif any(s.spec.builtin for s in sets):
-        zs.classnames = models.imagenet_classnames()
+                            f"{ft_runs[0].path} was fine-tuned on; drop --classnames")
+    elif ft_runs:
+        theta0.classnames = list(ft_runs[0].config["classnames"])
+    elif any(eval_set.spec.builtin for eval_set in sets):
+        theta0.classnames = models.imagenet_classnames()
     else:
-        zs.classnames = data.class_names(next(s for s in sets if s.spec.role == "id").dataset)
+        id_set = next(eval_set for eval_set in sets if eval_set.spec.role == "id")
+        theta0.classnames = data.class_names(id_set.dataset)
     if args.templates:
-        zs.templates, zs.templates_name = models.load_templates(args.templates), args.templates
-        if runs and zs.templates != runs[0].config["templates"]:
-            print(f"warning: --templates differ from those {runs[0].path} started from; θ0 of "
+        theta0.templates = models.load_templates(args.templates)
+        theta0.templates_name = args.templates
+        if ft_runs and theta0.templates != ft_runs[0].config["templates"]:
+            print(f"warning: --templates differ from those {ft_runs[0].path} started from; θ0 of "
                   "WiSE-FT is then not the run's initialisation", file=sys.stderr)
-    elif runs:
-        zs.templates, zs.templates_name = list(runs[0].config["templates"]), "run config"
+    elif ft_runs:
+        theta0.templates = list(ft_runs[0].config["templates"])
+        theta0.templates_name = "run config"
     else:
-        id_set = next(s.spec for s in sets if s.spec.role == "id")
-        zs.templates_name = (
-            "openai_imagenet" if len(zs.classnames) == 1000 else
-            data.WILDS_DATA[data.WILDS_SETS[id_set.name].dataset].templates
+        id_set = next(eval_set.spec for eval_set in sets if eval_set.spec.role == "id")
+        theta0.templates_name = (
+            "openai_imagenet" if len(theta0.classnames) == 1000 else
+            eval_sets.WILDS_DATA[eval_sets.WILDS_SETS[id_set.name].dataset].templates
             if id_set.kind == "wilds" else "simple")
-        zs.templates = models.load_templates(zs.templates_name)
+        theta0.templates = models.load_templates(theta0.templates_name)
 
 
 @dataclass
@@ -524,7 +543,7 @@ class EvalData:
     head: torch.Tensor | None = None      # transfer sets: (C, d) scaled zero-shot weights
     groups: torch.Tensor | None = None    # FMoW: region of each image (N,)
     group_names: list | None = None
-    batches: list | None = None           # (images, labels) batches, kept if small (embed)
+    batches: object = None                # data.SetBatches, made by the first model (embed)
     skipped: int = 0                      # unreadable images left out (--skip-bad-images)
 
 
@@ -533,9 +552,9 @@ def local_source(spec, data_root):
     None (= the hub copy; WILDS sets have none)."""
     if not data_root:
         return None
-    release = (data.EVAL_SETS[spec.name].folder if spec.kind == "imagenet" else
-               data.TRANSFER_SETS[spec.name].folder if spec.kind == "transfer" else
-               data.WILDS_DATA[data.WILDS_SETS[spec.name].dataset].folder)
+    release = (eval_sets.EVAL_SETS[spec.name].folder if spec.kind == "imagenet" else
+               eval_sets.TRANSFER_SETS[spec.name].folder if spec.kind == "transfer" else
+               eval_sets.WILDS_DATA[eval_sets.WILDS_SETS[spec.name].dataset].folder)
     for cand in (Path(data_root) / spec.name, Path(data_root) / release):
         if cand.is_dir():
             return str(cand)
@@ -546,12 +565,12 @@ def load_set(spec, args):
     """Load one eval set with labels in its own label space."""
     if spec.builtin:
         source = spec.source or local_source(spec, args.data_root)
-        ds = data.load_eval_set(spec.name, source, spec.split, spec.image_column,
+        ds = eval_sets.load_eval_set(spec.name, source, spec.split, spec.image_column,
                                 spec.label_column, args.max_samples)
-        return EvalData(spec, ds, source or data.EVAL_SETS[spec.name].hub_id)
+        return EvalData(spec, ds, source or eval_sets.EVAL_SETS[spec.name].hub_id)
     if spec.kind == "wilds":                # §6.4: a test split of a WILDS folder
         source = spec.source or local_source(spec, args.data_root)
-        ds = data.load_wilds_set(spec.name, source, spec.split, args.max_samples)
+        ds = eval_sets.load_wilds_set(spec.name, source, spec.split, args.max_samples)
         ev = EvalData(spec, ds, source)
         if "region" in ds.column_names:
             ev.groups = torch.as_tensor(ds.with_format("numpy")["region"], dtype=torch.long)
@@ -559,10 +578,10 @@ def load_set(spec, args):
         return ev
     if spec.kind == "transfer":             # §6.3: CIFAR-10/100, DTD, STL-10 by name
         source = spec.source or local_source(spec, args.data_root)
-        ds = data.load_transfer_set(spec.name, source, spec.split, spec.image_column,
+        ds = eval_sets.load_transfer_set(spec.name, source, spec.split, spec.image_column,
                                     spec.label_column, args.max_samples)
-        return EvalData(spec, ds, source or data.TRANSFER_SETS[spec.name].hub_id,
-                        classnames=list(data.TRANSFER_SETS[spec.name].classes))
+        return EvalData(spec, ds, source or eval_sets.TRANSFER_SETS[spec.name].hub_id,
+                        classnames=list(eval_sets.TRANSFER_SETS[spec.name].classes))
     ds = data.load_image_dataset(spec.source, spec.split or "test",
                                  spec.image_column or args.image_column,
                                  spec.label_column or args.label_column, args.max_samples)
@@ -574,58 +593,59 @@ def load_set(spec, args):
 
 def check_labels(sets, num_classes):
     """Every (non-transfer) set's labels must be classes of the head."""
-    for s in sets:
-        if s.spec.role == "transfer":
+    for eval_set in sets:
+        if eval_set.spec.role == "transfer":
             continue
-        if s.spec.builtin and num_classes != 1000:
-            raise UserError(f"eval set {s.spec.name} is scored on the 1000 ImageNet classes but "
-                            f"the head has {num_classes}; use --classnames imagenet (or runs "
-                            "fine-tuned on ImageNet)")
-        if not s.spec.builtin:
+        if eval_set.spec.builtin and num_classes != 1000:
+            raise UserError(f"eval set {eval_set.spec.name} is scored on the 1000 ImageNet "
+                            f"classes but the head has {num_classes}; use --classnames imagenet "
+                            "(or runs fine-tuned on ImageNet)")
+        if not eval_set.spec.builtin:
             try:
-                data.check_label_range(s.dataset, num_classes)
+                data.check_label_range(eval_set.dataset, num_classes)
             except UserError as e:
-                raise UserError(f"eval set {s.spec.name}: labels out of range for the "
+                raise UserError(f"eval set {eval_set.spec.name}: labels out of range for the "
                                 f"{num_classes}-class head: {e}") from None
 
 
-def build_zero_shot(zs, sets, args):
+def build_zero_shot(theta0, sets, args):
     """θ0 as an ImageClassifier, its eval transform, and the transfer sets' heads (from the
     zero-shot text tower, which is then dropped)."""
-    model, _, preprocess, tokenizer = models.load_clip(zs.model, zs.pretrained, args.device,
-                                                       zs.quick_gelu)
-    W = models.zero_shot_weights(model, tokenizer, zs.classnames, zs.templates, args.device)
+    model, _, preprocess, tokenizer = models.load_clip(theta0.model, theta0.pretrained,
+                                                       args.device, theta0.quick_gelu)
+    W = models.zero_shot_weights(model, tokenizer, theta0.classnames, theta0.templates,
+                                 args.device)
     scale = model.logit_scale.exp().item()
     clf = models.ImageClassifier(model.visual, W, scale).to(args.device).eval()
-    for s in sets:
-        if s.spec.role == "transfer":  # §6.3: original text tower, the set's own class names
-            s.head = scale * models.zero_shot_weights(model, tokenizer, s.classnames,
-                                                      transfer_templates(s, zs, args),
-                                                      args.device).cpu()
+    for eval_set in sets:
+        if eval_set.spec.role == "transfer":  # §6.3: original text tower, its own class names
+            eval_set.head = scale * models.zero_shot_weights(
+                model, tokenizer, eval_set.classnames,
+                transfer_templates(eval_set, theta0, args), args.device).cpu()
     return clf, preprocess
 
 
-def transfer_templates(s, zs, args):
+def transfer_templates(eval_set, theta0, args):
     """--transfer-templates, else a named set's own (the CLIP paper's), else the zero-shot
     head's."""
     if args.transfer_templates:
         return models.load_templates(args.transfer_templates)
-    if s.spec.kind == "transfer":
-        return models.load_templates(data.TRANSFER_SETS[s.spec.name].templates)
-    return zs.templates
+    if eval_set.spec.kind == "transfer":
+        return models.load_templates(eval_sets.TRANSFER_SETS[eval_set.spec.name].templates)
+    return theta0.templates
 
 
-def check_sae(sae, zs, width):
+def check_sae(sae, theta0, width):
     """The SAE must have the zero-shot model's width (its model was checked when loading)."""
     if sae is not None and sae.d != width:
-        raise UserError(f"the SAE has width d={sae.d} but {zs.model} embeddings have width "
+        raise UserError(f"the SAE has width d={sae.d} but {theta0.model} embeddings have width "
                         f"{width}: train the SAE on this model's embeddings (train_sae.py)")
 
 
 @dataclass
 class ModelSpec:
     kind: str                # "zero-shot" | "ft" | "wise-ft" | "rep-avg"
-    run: runs_io.Run | None = None
+    run: runs.Run | None = None
     alpha: float | None = None
 
     @property
@@ -637,12 +657,12 @@ class ModelSpec:
         return f"{'FT' if self.kind == 'ft' else 'Rep. Avg.'} {self.run.name}"
 
 
-def model_plan(runs, alphas, wise_runs=None):
+def model_plan(ft_runs, alphas, wise_runs=None):
     """Table order: zero-shot, then per run FT (with its Rep. Avg.) and WiSE-FT for each α
     (only for the runs in `wise_runs`, when given)."""
     wise = None if wise_runs is None else {Path(d).resolve() for d in wise_runs}
     plan = [ModelSpec("zero-shot")]
-    for run in runs:
+    for run in ft_runs:
         plan.append(ModelSpec("ft", run))
         if wise is None or Path(run.path).resolve() in wise:
             plan += [ModelSpec("wise-ft", run, a) for a in alphas]
@@ -653,36 +673,39 @@ def cpu_state(clf):
     return {k: v.detach().cpu().clone() for k, v in clf.state_dict().items()}
 
 
-def load_run_state(run, zs_state):
+def load_run_state(run, state0):
     """θ1 of a run on the CPU, checked against θ0's architecture."""
     clf, _ = models.load_classifier(run.path, "cpu")
     state = cpu_state(clf)
-    if state.keys() != zs_state.keys():
-        diff = sorted(set(state) ^ set(zs_state))[:5]
+    if state.keys() != state0.keys():
+        diff = sorted(set(state) ^ set(state0))[:5]
         raise UserError(f"run {run.path} does not fit the zero-shot model: parameters differ "
                         f"{diff}")
-    bad = [k for k in state if state[k].shape != zs_state[k].shape][:3]
+    bad = [k for k in state if state[k].shape != state0[k].shape][:3]
     if bad:
         raise UserError(f"run {run.path} does not fit the zero-shot model: shapes of {bad} differ "
                         "(other class names or another architecture?)")
     return state
 
 
-def make_record(eval_id, spec, s, zs, args, sae_cfg, n, metrics):
-    run = spec.run
+def make_record(eval_id, model, eval_set, theta0, args, sae_cfg, n, metrics):
+    """One results line: the settings of the invocation, the model and the set, then `metrics`."""
+    run, spec = model.run, eval_set.spec
     return {
         "eval_id": eval_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "clip_model": zs.model, "pretrained": zs.pretrained, "templates": zs.templates_name,
-        "model": spec.label, "kind": spec.kind, "run": run.path if run else None,
-        "method": run.method if run else "zero-shot", "alpha": spec.alpha,
-        "dataset": s.spec.name, "role": s.spec.role, "source": s.source, "split": s.spec.split,
-        "n": n, "max_samples": args.max_samples, "skipped_images": s.skipped, "amp": args.amp,
+        "clip_model": theta0.model, "pretrained": theta0.pretrained,
+        "templates": theta0.templates_name,
+        "model": model.label, "kind": model.kind, "run": run.path if run else None,
+        "method": run.method if run else "zero-shot", "alpha": model.alpha,
+        "dataset": spec.name, "role": spec.role, "source": eval_set.source, "split": spec.split,
+        "n": n, "max_samples": args.max_samples, "skipped_images": eval_set.skipped,
+        "amp": args.amp,
         "sae": args.sae, "sae_n": sae_cfg.get("n"), "sae_k": sae_cfg.get("k"),
         "run_config": {k: v for k, v in (run.config if run else {}).items()
                        if k not in ("classnames", "templates", "model_cfg", "preprocess_cfg")},
         **({"transfer_templates": args.transfer_templates or (
-            data.TRANSFER_SETS[s.spec.name].templates if s.spec.kind == "transfer"
-            else zs.templates_name)} if s.spec.role == "transfer" else {}),
+            eval_sets.TRANSFER_SETS[spec.name].templates if spec.kind == "transfer"
+            else theta0.templates_name)} if spec.role == "transfer" else {}),
         **metrics,
     }
 
@@ -701,7 +724,7 @@ def main(argv=None):
         if argv[:1] in (["plot"], ["seeds"]):
             return report.main(argv)
         return evaluate(parse_args(argv))
-    return runs_io.cli(run, argv)
+    return runs.cli(run, argv)
 
 
 if __name__ == "__main__":

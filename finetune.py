@@ -1,3 +1,4 @@
+# Reading order: settings (parse_args) → method (sae_ft_loss, finetune_step) → loop (train).
 """Stage 2 — fine-tune a CLIP image encoder with its zero-shot head, regularised by a frozen SAE.
 
     logits, h = fθ(images)                          h (B, d) after the visual projection
@@ -13,9 +14,11 @@ Recipe (§3, from WiSE-FT): AdamW (wd 0.1), 500 warm-up steps then cosine to 0, 
 1.0, 10 epochs, lr 3e-5 at an effective batch of 512 (= --batch-size × --accum-steps),
 open_clip's train augmentation (RandomResizedCrop 0.9–1), bf16 autocast (--amp; default on GPU).
 
-Reading order: the settings, then `finetune_step` (the method: one optimiser step), then
-`train` (the loop: step → log / probe / checkpoint). Run-folder, checkpoint and resume plumbing
-is in runs.py; the epoch order that makes resume exact is in data.py.
+The method is `sae_ft_loss`, the loss of one batch, written as the equation above;
+`finetune_step` is the optimiser step around it (micro-batch accumulation, torchrun's gradient
+averaging, clipping, the inf/NaN guard, AdamW) and `train` the loop (step → log → probe →
+checkpoint). Where the run stands, its checkpoints and logs are runs.RunState's; the epoch
+order that makes resume exact and the model-ready batches are data.py's.
 
 Tiny CPU run (the built-in toy world; `python toy_world.py --out toy_world` builds it, then
 `python train_sae.py --model local-dir:toy_world/clip --train-data toy_world/data --k 8
@@ -59,27 +62,22 @@ probe set over training, §4), summary.json.
 """
 import argparse
 import contextlib
+import functools
 import itertools
 import math
 import os
 import sys
-import time
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import losses
 import models
 import runs
-from data import UserError
+from runs import PROBE_LOG, SUMMARY, TRAIN_LOG, UserError
 
-TRAIN_LOG, PROBE_LOG, SUMMARY = "train_log.jsonl", "probe.jsonl", "summary.json"
-RUN_FILES = (models.WEIGHT_FILE, models.CONFIG_FILE, runs.CHECKPOINT, TRAIN_LOG, PROBE_LOG,
-             SUMMARY)
 # Settings that --resume may change without changing the weights the run ends with.
 # --skip-bad-images too: until an unreadable image is met, skipping changes nothing, and a run
 # stopped at one resumes with it exactly as if it had been on from the start.
@@ -204,8 +202,6 @@ def parse_args(argv=None):
     return args
 
 
-
-
 # Every numeric flag's valid range (runs.check_ranges). AdamW's first step is 10·lr, and
 # float32 ends at 3.4e38.
 RANGES = {"max_samples": "[1, inf)", "lam": "[0, inf)", "mu": "[0, inf)",
@@ -231,8 +227,58 @@ def check_args(args):
 
 
 # ============================================================================================
-# The method: one optimiser step of SAE-FT (§3, §5)
+# The method: the SAE-FT loss of one batch (§3, §5), and the optimiser step around it
 # ============================================================================================
+
+class Frozen(NamedTuple):
+    """The zero-shot side of the loss, never trained: θ0's image tower f0 (or the embeddings
+    --cache-zero-shot computed with it once) and the SAE of its embeddings (stage 1)."""
+    f0: torch.nn.Module | None          # None: the targets are cached, or not needed (R = 0)
+    sae: torch.nn.Module | None         # None: a regulariser without the SAE (none, l2, l1)
+    h0_cache: torch.Tensor | None = None  # (N, d) h0 of every train image (--cache-zero-shot)
+
+    def target(self, x, idx, h):
+        """h0 (B, d): the zero-shot embedding of the same (augmented) images x, read from the
+        cache by their dataset indices idx, or a frozen forward f0(x); without f0 (--reg none:
+        R = 0 whatever h0 is) no frozen forward runs and h itself, detached, stands in."""
+        if self.h0_cache is not None:
+            return self.h0_cache[idx].to(h.device)
+        if self.f0 is None:
+            return h.detach()
+        with torch.no_grad():
+            return self.f0(x)
+
+
+class BatchLoss(NamedTuple):
+    loss: torch.Tensor     # L = CE + λ·R, a scalar that carries the gradient
+    terms: dict            # name -> scalar tensor: ce, reg (= λ·R) and R's own terms (res,
+                           # pres, sparse, remove, l2, l1; losses.regulariser)
+    logits: torch.Tensor   # (B, C), for the step's accuracy
+
+
+def sae_ft_loss(model, frozen, batch, args):
+    """The loss of one batch (§3, §5):
+
+        logits, h = fθ(x)                       (B, C), (B, d): the classifier being trained
+        h0        = f0(x)                       (B, d): the frozen zero-shot tower (Frozen)
+        L = CE(logits, y) + λ·R(h, h0; SAE)     R: --reg, its weights λ, μ, λ_mask, … (args)
+
+    batch: model-ready (x (B, 3, H, W), y (B,), dataset indices (B,)) (data.on_device). Under
+    --amp the two forwards run in bf16 autocast; CE and R are computed in fp32."""
+    x, y, idx = batch
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
+        logits, h = model(x)                                              # (B, C), (B, d)
+        h0 = frozen.target(x, idx, h)                                     # (B, d), no grad
+    ce = losses.cross_entropy(logits, y, args.label_smoothing)
+    terms = losses.regulariser(args.reg, h, h0, frozen.sae, space=args.sae_space,
+                               **regulariser_weights(args))               # λ·R in "reg"
+    return BatchLoss(ce + terms["reg"], {"ce": ce, **terms}, logits)     # L = CE + λ·R
+
+
+def regulariser_weights(args):
+    """λ, μ, λ_mask, λ_l1, λ_remove as the settings give them (losses.WEIGHTS' names)."""
+    return {name: getattr(args, name, default) for name, default in losses.WEIGHTS.items()}
+
 
 class StepResult(NamedTuple):
     terms: dict        # name -> float, means over the step's micro-batches: ce, reg (= λ·R), and
@@ -243,76 +289,56 @@ class StepResult(NamedTuple):
                        # --skip-bad-images left unreadable ones out)
 
 
-def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=None,
-                  normalise=data.as_is):
-    """One optimiser step over `micro_batches` (--accum-steps of (images, labels, indices)).
-
-    `normalise` finishes the images on the device (data.SeededImages.normalise: the loader's
-    workers stop at uint8).
-
-    L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
-    then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN,
-    and the run stops before anything is saved when the update made a weight inf/NaN
-    (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends — bench.py times the
-    phases through it."""
-    mark = mark or (lambda phase: None)
-    device = next(clf.parameters()).device
-    ddp = isinstance(clf, DDP)                               # torchrun: clf is wrapped in DDP
-    visual = (clf.module if ddp else clf).visual
+def finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache=None):
+    """One optimiser step over `micro_batches` (--accum-steps model-ready (images, labels,
+    indices), data.on_device): sae_ft_loss on each, its gradient accumulated as a mean, then
+    one update (apply_update: clip, AdamW). `model` is the classifier, or its DDP wrapper under
+    torchrun: the terms and accuracy are then over every rank's images."""
+    frozen, ddp = Frozen(f0, sae, h0_cache), isinstance(model, DDP)
     sums, correct, seen = {}, 0, 0
-    for i, batch in enumerate(micro_batches):
-        if batch is None:  # --skip-bad-images left nothing (data.epoch_loader)
-            raise UserError(f"every image of a micro-batch of {args.batch_size} was unreadable: "
-                            "remove the unreadable images, or raise --batch-size")
-        x, y, idx = batch
-        x, y = data.to_model(x, device, normalise), y.to(device, non_blocking=True)
+    for i, (x, y, idx) in enumerate(micro_batches):
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
-        with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
-            with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # any device
-                logits, h = clf(x)                                        # (B, C), (B, d)
-                mark("forward")
-                h0 = zero_shot_target(f0, x, idx, h, h0_cache)            # (B, d), no grad
-                mark("zero_shot_target")
-            ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
-            terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
-                                       lam_l1=args.lam_l1, lam_mask=args.lam_mask,
-                                       lam_remove=args.lam_remove,
-                                       space=args.sae_space)              # λ·R in "reg"
-            loss = ce + terms["reg"]                                      # L = CE + λ·R (§5)
-            mark("loss")
-            with models.batchnorm_stats_kept(visual):  # checkpointing re-runs BN forward
-                (loss / args.accum_steps).backward()                      # accumulate
-            mark("backward")
-        for name, v in {"ce": ce, **terms}.items():
+        with model.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
+            out = sae_ft_loss(model, frozen, (x, y, idx), args)
+            backward(model, out.loss / args.accum_steps)                          # accumulate
+        for name, v in out.terms.items():
             sums[name] = sums.get(name, 0.0) + v.detach().float() / args.accum_steps
-        correct, seen = correct + (logits.argmax(-1) == y).sum(), seen + len(y)
-    if ddp:  # torchrun: every rank logs and checks the terms and accuracy over all ranks' images
-        sums = {k: runs.sum_over_ranks(v) / runs.world_size() for k, v in sums.items()}
-        correct = runs.sum_over_ranks(correct)
-        seen = int(runs.sum_over_ranks(torch.tensor(seen)))   # ranks may skip unequal numbers
+        correct, seen = correct + (out.logits.argmax(-1) == y).sum(), seen + len(y)
+    if ddp:
+        sums, correct, seen = over_ranks(sums, correct, seen)
     terms = {k: v.item() for k, v in sums.items()}
-    check_finite(terms, "loss")                        # a bad step must not reach the weights
-    grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()
-    check_finite({"grad-norm": grad_norm}, "gradient")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    bad = runs.first_non_finite(clf.state_dict().items())   # before any checkpoint holds it
-    if bad is not None:
-        raise NonFiniteLoss("weights after the update", bad)
-    mark("optimiser")
+    grad_norm = apply_update(model, opt, terms, args)
     return StepResult(terms, 100 * correct.item() / seen, grad_norm, seen)
 
 
-def zero_shot_target(f0, x, idx, h, h0_cache):
-    """h0 (B, d): the frozen zero-shot embedding of the same (augmented) images — read from the
-    --cache-zero-shot table, or a frozen forward f0(x); with no f0 (--reg none, R = 0 whatever
-    h0 is) the step skips the frozen forward and returns h itself."""
-    if h0_cache is not None:
-        return h0_cache[idx].to(h.device)
-    if f0 is None:
-        return h.detach()
-    with torch.no_grad():
-        return f0(x)
+def backward(model, loss):
+    """loss.backward(), every BatchNorm's running statistics kept as they were: gradient
+    checkpointing re-runs a BatchNorm forward in backward (models.batchnorm_stats_kept)."""
+    with models.batchnorm_stats_kept((model.module if isinstance(model, DDP) else model).visual):
+        loss.backward()
+
+
+def over_ranks(sums, correct, seen):
+    """torchrun: the step's term means and its correct / seen counts over every rank's images
+    (ranks may skip unequal numbers of unreadable images)."""
+    sums = {k: runs.sum_over_ranks(v) / runs.world_size() for k, v in sums.items()}
+    return sums, runs.sum_over_ranks(correct), int(runs.sum_over_ranks(torch.tensor(seen)))
+
+
+def apply_update(model, opt, terms, args):
+    """Clip the accumulated gradient to --clip-grad and take one AdamW step; returns the norm
+    before clipping. Nothing is updated when a loss term or the gradient norm is inf/NaN, and
+    the run stops before anything is saved when the update made a weight inf/NaN (both
+    NonFiniteLoss)."""
+    check_finite(terms, "loss")                        # a bad step must not reach the weights
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).item()
+    check_finite({"grad-norm": grad_norm}, "gradient")
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    bad = runs.first_non_finite(model.state_dict().items())   # before any checkpoint holds it
+    if bad is not None:
+        raise NonFiniteLoss("weights after the update", bad)
+    return grad_norm
 
 
 class NonFiniteLoss(UserError):
@@ -324,6 +350,10 @@ class NonFiniteLoss(UserError):
         at = "" if step is None else f" at step {step}"
         super().__init__(f"non-finite {what}{at} (term: {term}); the last good checkpoint is "
                          "kept. Lower --lr, or check the data")
+
+    def at_step(self, step):
+        """The same error, naming the step it happened in."""
+        return NonFiniteLoss(self.what, self.term, step)
 
 
 def check_finite(terms, what):
@@ -360,12 +390,8 @@ def probe_set(dataset, preprocess_val, size, skip_bad=False):
     """(P, 3, H, W): `size` train images under the eval transform, the same for every run
     (fewer when --skip-bad-images leaves unreadable ones out)."""
     idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:size]
-    images = data.TorchImageDataset(dataset.select(idx.tolist()), preprocess_val, skip_bad)
-    pairs = [images[i] for i in range(len(images))]
-    kept = [x for x, y in pairs if y != data.UNREADABLE]
-    if not kept:
-        raise UserError(f"none of the {len(pairs)} probe images is readable")
-    return images.normalise(torch.stack(kept))            # uint8 -> float (split_transform)
+    return data.image_tensor(dataset.select(idx.tolist()), preprocess_val, skip_bad,
+                             what="probe images")
 
 
 @torch.no_grad()
@@ -381,199 +407,156 @@ def embed(encoder, images, args):
 
 
 # ============================================================================================
-# The loop: step → log / probe / checkpoint
+# The loop: step → log → probe → checkpoint
 # ============================================================================================
 
 def train(args):
     """The run (its settings checked by check_args, its --out held by runs.hold)."""
-    # ---- torchrun: W processes, rank 0 prints and writes; a plain run is rank 0 of W = 1
-    args.device = runs.dist_init(args.device)
-    world, main = runs.world_size(), runs.is_main()
-    ckpt = runs.check_out(args.out, (models.WEIGHT_FILE, runs.CHECKPOINT), args.resume,
-                          args.overwrite)
-    if ckpt is not None:
-        runs.check_same_settings(args.out, ckpt["args"], args, RESUMABLE)
-        if ckpt.get("world_size", 1) != world:
-            raise UserError(f"the run in {args.out} was trained by {ckpt.get('world_size', 1)} "
-                            f"process(es), not {world}: resume it with as many (the data order "
-                            "and the effective batch depend on it)")
-    out = Path(args.out)
+    args.device = runs.dist_init(args.device)   # torchrun: W processes; a plain run is 1 of 1
+    ckpt = runs.resumable_checkpoint(args, (models.WEIGHT_FILE, runs.CHECKPOINT), RESUMABLE)
     runs.seed_all(args.seed)
-    device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # ---- frozen SAE (stage 1), loaded first: a wrong --sae fails before anything slow
+    # ---- setup: the frozen SAE first (a wrong --sae fails before anything slow), the train
+    # split and its schedule, fθ and the frozen f0, the zero-shot targets, the probe set
     sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
                                  args.force_quick_gelu)[0] if args.sae else None
-
-    # ---- data: train split, class names, templates
-    dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
-                                      args.label_column, args.max_samples)
-    classnames, templates = resolve_classes(args, dataset)
-    effective = args.batch_size * args.accum_steps * world   # torchrun: × W processes
-    processes = f" × {world} processes" if world > 1 else ""
-    steps_per_epoch = len(dataset) // effective                # drop the last partial batch
-    if steps_per_epoch == 0:  # (under torchrun: some rank would get no micro-batch)
-        raise UserError(f"{len(dataset)} training images are fewer than one effective batch "
-                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps}"
-                        f"{processes})")
-    total_steps = args.epochs * steps_per_epoch
-    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-
-    # ---- model: zero-shot classifier fθ (trained) and the frozen zero-shot image tower f0
-    clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
-        args.model, args.pretrained, classnames, templates, args.device,
-        force_quick_gelu=args.force_quick_gelu or None)
-    if sae is not None and sae.d != config["embed_dim"]:
-        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
-                        f"{config['embed_dim']}: {args.sae} was trained on another model")
-    f0 = models.frozen_copy(clf.visual)          # θ0, never updated (BatchNorm: running stats)
-    clf.train()                                  # fθ: BatchNorm normalises by batch statistics
-    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing \
-            and main:
-        print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
-              "checkpointing; training without it (more memory)", file=sys.stderr)
+    dataset, classnames, templates = train_split(args)
+    steps_per_epoch, total_steps, stop = schedule(len(dataset), args)
+    clf, f0, (preprocess_train, preprocess_val), config = classifier(sae, classnames,
+                                                                     templates, args)
     images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val,
                                keep=not args.augment,     # no augmentation: decode once
                                skip_bad=args.skip_bad_images)
     h0_cache = zero_shot_cache(f0, dataset, preprocess_val, args) if args.cache_zero_shot \
         else None
-
-    # ---- probe set: zero-shot codes z0 once, from f0 (§4)
     probe_images = probe_set(dataset, preprocess_val, min(args.probe_size, len(dataset)),
                              args.skip_bad_images)
     h0_probe = embed(f0, probe_images, args)                             # (P, d)
-    z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n)
+    z0_probe = sae.encode(h0_probe) if sae is not None else None         # (P, n), §4
+    probe_at = functools.partial(probe, clf, sae, probe_images, z0_probe, args=args) \
+        if sae is not None else None
     if h0_cache is not None or args.reg == "none":
         f0 = None  # its job is done: the targets are cached, or not needed (R = 0)
-
-    # ---- torchrun: DDP averages the gradients over the ranks (BatchNorm stays per rank)
-    model = clf if world == 1 else DDP(clf, device_ids=[device] if device.type == "cuda" else None)
-
-    # ---- optimiser: AdamW on every trained parameter, weight decay included (WiSE-FT)
-    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)
-    step, epoch, pos = resume(ckpt, clf, opt, out) if ckpt is not None else (0, 0, 0)
-    saved = step if ckpt is not None else None           # the step checkpoint.pt holds
-    skipped = ckpt.get("skipped_images", 0) if ckpt is not None else 0   # image reads skipped
-    if ckpt is None and main:
-        runs.clear_out(out, RUN_FILES)
-    if main:
-        per_rank = f" = {args.batch_size} × {args.accum_steps}{processes}" if world > 1 else ""
-        print(f"{args.model} | {len(dataset)} images, {len(classnames)} classes, "
-              f"{len(templates)} templates | effective batch {effective}{per_rank} | "
-              f"{steps_per_epoch} steps/epoch, {total_steps} total, stopping at {stop} | reg "
-              f"{args.reg}")
+    run = runs.RunState(args, ckpt, steps_per_epoch, stop, line=progress_line)
+    model = clf if run.world == 1 else ddp(clf, args)  # torchrun: gradients averaged
+    opt = torch.optim.AdamW(clf.parameters(), lr=args.lr, weight_decay=args.wd)  # WiSE-FT's
+    run.resume(clf, opt, probe_at)   # a fresh run: earlier files cleared, probe at step 0
+    if run.main:
+        announce(len(dataset), classnames, templates, total_steps, run)
         scale_note(h0_probe, args)
-    if sae is not None and step == 0 and main:
-        runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, 0, args))
 
-    # ---- loop: one iteration = one optimiser step over --accum-steps micro-batches
-    batches, t_log, steps_since_log = None, time.time(), 0
-    bar = runs.Progress(stop, "fine-tune", unit="step", start=step,
-                        stream=None if main else open(os.devnull, "w"))  # torchrun: rank 0's
-    while step < stop:
-        if batches is None:  # a new epoch, or the rest of a resumed one
-            batches = iter(data.epoch_loader(
-                images, args.batch_size, args.seed, epoch, pos * args.accum_steps,
-                steps_per_epoch * args.accum_steps, args.workers,
-                pin_memory=device.type == "cuda", rank=runs.rank(), world=world))
-        lr = lr_at(step, args, total_steps)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        try:  # the step's images are all read before it starts: it runs whole or not at all
-            micro_batches = list(itertools.islice(batches, args.accum_steps))
-        except data.BadImage as e:  # stop at it, but keep every step done so far
-            raise UserError(runs.one_line(e) + stopped_at_bad_image(
-                out, saved, step, clf, opt, epoch, pos, skipped, args, world)) from None
-        try:
-            result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache,
-                                   normalise=images.normalise)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(e.what, e.term, step + 1) from None
-        skipped += effective - result.images
-        step, pos, steps_since_log = step + 1, pos + 1, steps_since_log + 1
-        bar.update()
-        epoch_done = pos == steps_per_epoch
-        if epoch_done:
-            epoch, pos, batches = epoch + 1, 0, None
-        checkpoint = epoch_done or step == stop or (args.save_every and step % args.save_every == 0)
-        saved = step if checkpoint else saved           # every rank knows what rank 0 saved
-
-        # ---- log, probe, checkpoint (torchrun: rank 0; every rank holds the same weights)
-        if not main:
-            continue
-        if step % args.log_every == 0 or step == stop:
-            ms = (time.time() - t_log) * 1e3 / steps_since_log
-            record = {"step": step, "epoch": epoch + pos / steps_per_epoch, **result.terms,
-                      "acc": result.acc, "lr": lr, "grad_norm": result.grad_norm,
-                      "ms_per_step": ms}
-            print(progress_line(record, list(result.terms)), flush=True)
-            runs.append_jsonl(out / TRAIN_LOG, record)
-            t_log, steps_since_log = time.time(), 0
-        if sae is not None and ((args.probe_every and step % args.probe_every == 0)
-                                or step == stop):
-            runs.append_jsonl(out / PROBE_LOG, probe(clf, sae, probe_images, z0_probe, step, args))
-        if checkpoint:
-            save(out, clf, opt, step, epoch, pos, skipped, args, world)
-    bar.close()
-    if main:
-        data.skip_warning(skipped, f"{args.train_data} over the run's {step} steps (the same "
-                          "image is counted once per epoch)")
-
-    # ---- save the model + the config that rebuilds it; summary (torchrun: rank 0)
-    summary = None
-    if main:
-        config.update(args=vars(args), steps=step, total_steps=total_steps,
-                      finished=step == total_steps, world_size=world,
-                      regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
-                                   "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
-                                   "lam_remove": args.lam_remove, "sae": args.sae,
-                                   "sae_space": args.sae_space})
-        models.save_classifier(out, clf, config)
-        summary = write_summary(out, step, total_steps, args, skipped)
-    runs.dist_teardown()  # torchrun: the others wait for rank 0's files, then all leave
-    return summary
+    # ---- the loop: one iteration = one optimiser step over --accum-steps micro-batches
+    batches = None
+    with run.progress("fine-tune"):
+        while run.step < run.stop:
+            if batches is None:  # a new epoch, or the rest of a resumed one
+                batches = epoch_batches(images, run, args)
+            lr = lr_at(run.step, args, total_steps)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with run.stop_at_bad_image():  # all the step's images are read before it starts
+                micro_batches = list(itertools.islice(batches, args.accum_steps))
+            try:
+                result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache=h0_cache)
+            except NonFiniteLoss as e:
+                raise e.at_step(run.step + 1) from None
+            record = {**result.terms, "acc": result.acc, "lr": lr, "grad_norm": result.grad_norm}
+            if run.after_step(result.images, record, probe_at):   # log → probe → checkpoint
+                batches = None                                     # the epoch is over
+    if run.main:
+        data.skip_warning(run.skipped, f"{args.train_data} over the run's {run.step} steps "
+                          "(the same image is counted once per epoch)")
+    return finish(clf, config, run, total_steps)
 
 
 # ============================================================================================
 # Setup and bookkeeping
 # ============================================================================================
 
-def save(out, clf, opt, step, epoch, pos, skipped, args, world):
-    """checkpoint.pt: everything --resume needs to go on from step `step`."""
-    runs.save_checkpoint(out / runs.CHECKPOINT, model=clf.state_dict(),
-                         optimizer=opt.state_dict(), step=step, epoch=epoch, pos=pos,
-                         args=vars(args), world_size=world, skipped_images=skipped)
+def train_split(args):
+    """(dataset, class names, templates) of --train-data."""
+    dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
+                                      args.label_column, args.max_samples)
+    return (dataset, *resolve_classes(args, dataset))
 
 
-def stopped_at_bad_image(out, saved, step, clf, opt, epoch, pos, skipped, args, world):
-    """What the error line adds when an unreadable image stops training: the checkpoint of the
-    last whole step, saved now if it is newer than checkpoint.pt (the step the image is in has
-    not started: its images are read first), and how to go on from it. Under torchrun the
-    process that met the image stops alone, so only the last periodic checkpoint is kept."""
-    if world == 1 and step > 0 and step != saved:
-        save(out, clf, opt, step, epoch, pos, skipped, args, world)
-        saved = step
-    if saved is None:
-        return ""
-    return (f". The run is saved at step {saved} ({out / runs.CHECKPOINT}): to go on, run the "
-            f"same command with --resume {data.SKIP_FLAG}")
+def schedule(n_images, args):
+    """(steps per epoch, total steps, the step the run stops at): an epoch is every whole
+    effective batch (--batch-size × --accum-steps × processes) of the split; --max-steps stops
+    early, the lr schedule still spans every epoch."""
+    world = runs.world_size()
+    steps_per_epoch = n_images // (args.batch_size * args.accum_steps * world)  # drop the rest
+    if steps_per_epoch == 0:  # (under torchrun: some rank would get no micro-batch)
+        processes = f" × {world} processes" if world > 1 else ""
+        raise UserError(f"{n_images} training images are fewer than one effective batch "
+                        f"(--batch-size {args.batch_size} × --accum-steps {args.accum_steps}"
+                        f"{processes})")
+    total_steps = args.epochs * steps_per_epoch
+    stop = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    return steps_per_epoch, total_steps, stop
 
 
-def resume(ckpt, clf, opt, out):
-    """Restore weights, optimiser, RNGs and position; drop log lines written after the
-    checkpoint. Returns (step, epoch, step within the epoch)."""
-    with runs.reading(out / runs.CHECKPOINT, "a checkpoint of this model", "the run cannot "
-                      "be resumed from it: start it again with --overwrite"):
-        clf.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        runs.set_rng_state(ckpt["rng"])
-        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["pos"]
-    if runs.is_main():  # torchrun: rank 0 owns the logs
-        runs.truncate_jsonl(out / TRAIN_LOG, step)
-        runs.truncate_jsonl(out / PROBE_LOG, step)
-        print(f"resumed {out} at step {step} (epoch {epoch}, step {pos} of it)")
-    return step, epoch, pos
+def classifier(sae, classnames, templates, args):
+    """(fθ, f0, (train transform, eval transform), config): the zero-shot classifier to train
+    (§3: class names × templates through the text tower), in train mode (BatchNorm normalises
+    by batch statistics), and θ0's frozen image tower (BatchNorm: running statistics)."""
+    clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
+        args.model, args.pretrained, classnames, templates, args.device,
+        force_quick_gelu=args.force_quick_gelu or None)
+    if sae is not None and sae.d != config["embed_dim"]:
+        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
+                        f"{config['embed_dim']}: {args.sae} was trained on another model")
+    f0 = models.frozen_copy(clf.visual)          # θ0, never updated
+    clf.train()
+    if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing \
+            and runs.is_main():
+        print(f"warning: the {type(clf.visual).__name__} image tower has no gradient "
+              "checkpointing; training without it (more memory)", file=sys.stderr)
+    return clf, f0, (preprocess_train, preprocess_val), config
+
+
+def ddp(clf, args):
+    """torchrun: the classifier in DDP, which averages the gradients over the ranks. BatchNorm
+    stays per rank (no SyncBatchNorm): each rank normalises its own micro-batch."""
+    device = torch.device(args.device)
+    return DDP(clf, device_ids=[device] if device.type == "cuda" else None)
+
+
+def epoch_batches(images, run, args):
+    """The micro-batches left in the run's epoch, model-ready on the device: rank r's slice of
+    each (data.epoch_loader), from where a resumed run stopped."""
+    device = torch.device(args.device)
+    loader = data.epoch_loader(images, args.batch_size, args.seed, run.epoch,
+                               run.position * args.accum_steps,
+                               run.steps_per_epoch * args.accum_steps, workers=args.workers,
+                               pin_memory=device.type == "cuda", rank=run.rank, world=run.world)
+    return data.on_device(loader, device)
+
+
+def announce(n_images, classnames, templates, total_steps, run):
+    """The run's first line: data, head, batch and schedule."""
+    args, world = run.args, run.world
+    per_rank = (f" = {args.batch_size} × {args.accum_steps} × {world} processes" if world > 1
+                else "")
+    print(f"{args.model} | {n_images} images, {len(classnames)} classes, {len(templates)} "
+          f"templates | effective batch {run.effective}{per_rank} | {run.steps_per_epoch} "
+          f"steps/epoch, {total_steps} total, stopping at {run.stop} | reg {args.reg}")
+
+
+def finish(clf, config, run, total_steps):
+    """Rank 0 saves the model + the config that rebuilds it, and summary.json; under torchrun
+    the others wait for its files, then all leave. Returns the summary (rank 0)."""
+    summary, args = None, run.args
+    if run.main:
+        config.update(args=vars(args), steps=run.step, total_steps=total_steps,
+                      finished=run.step == total_steps, world_size=run.world,
+                      regulariser={"reg": args.reg, **regulariser_weights(args), "sae": args.sae,
+                                   "sae_space": args.sae_space})
+        models.save_classifier(run.out, clf, config)
+        summary = write_summary(run, total_steps)
+    runs.dist_teardown()
+    return summary
 
 
 def resolve_classes(args, dataset):
@@ -597,14 +580,16 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
 
     Valid only with --no-augment: the per-step frozen forward would see exactly these images.
     The cache key is train_sae.py's, so the embeddings stage 1 cached for the SAE are reused
-    (when both ran with the same --amp: bf16 and fp32 embeddings are cached apart)."""
-    fqg = args.force_quick_gelu or None
-    key = data.embedding_cache_key(models.model_identity(args.model, args.pretrained, fqg),
-                                   dataset, args.train_data, args.split, args.image_column,
-                                   args.label_column, args.max_samples, transform="eval",
-                                   skip_bad=args.skip_bad_images, amp=args.amp)
+    (when both ran with the same --amp: bf16 and fp32 embeddings are cached apart). With
+    --skip-bad-images an unreadable image's row is there but never read (never trained on)."""
+    identity = models.model_identity(args.model, args.pretrained,
+                                     args.force_quick_gelu or None)
+    key = data.embedding_cache_key(identity, dataset, source=args.train_data, split=args.split,
+                                   image_column=args.image_column,
+                                   label_column=args.label_column, max_samples=args.max_samples,
+                                   transform="eval", skip_bad=args.skip_bad_images, amp=args.amp)
 
-    def compute():  # --skip-bad-images: an unreadable image's row is never read (not trained on)
+    def compute():
         loader = data.make_loader(dataset, preprocess_val, args.batch_size, workers=args.workers,
                                   shard=True,                   # torchrun: each rank its share
                                   skip_bad=args.skip_bad_images)
@@ -614,44 +599,49 @@ def zero_shot_cache(f0, dataset, preprocess_val, args):
     return data.cached_embeddings(args.cache_dir, key, compute)["h"]
 
 
-def progress_line(rec, names):
+NOT_TERMS = ("step", "epoch", "acc", "lr", "grad_norm", "ms_per_step")
+
+
+def progress_line(record):
     """`step 500 | ce 0.41 | res 0.0007 | pres 0.012 | reg 0.3 | acc 71.2 | 38 ms/step`"""
-    terms = " | ".join(f"{k} {rec[k]:.4g}" for k in names)
-    return (f"step {rec['step']} | {terms} | acc {rec['acc']:.1f} | lr {rec['lr']:.2e} | "
-            f"{rec['ms_per_step']:.0f} ms/step")
+    terms = " | ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in NOT_TERMS)
+    return (f"step {record['step']} | {terms} | acc {record['acc']:.1f} | lr "
+            f"{record['lr']:.2e} | {record['ms_per_step']:.0f} ms/step")
 
 
 def scale_note(h0, args):
     """Print the measured ||h|| and what the authors' weights would be on our scale."""
-    s, a = h0.norm(dim=-1).mean().item(), losses.AUTHORS_WEIGHTS
+    norm, a = h0.norm(dim=-1).mean().item(), losses.AUTHORS_WEIGHTS
     if args.sae_space == "raw":
-        print(f"mean zero-shot ||h|| = {s:.2f}; --sae-space raw: the SAE and R see the raw "
+        print(f"mean zero-shot ||h|| = {norm:.2f}; --sae-space raw: the SAE and R see the raw "
               f"embeddings, as in the authors' code; running λ={args.lam:g}, μ={args.mu:g}, "
               f"λ_mask={args.lam_mask:g} (the authors': λ={a['lam']:g}, μ={a['mu']:g}, "
               f"λ_mask={a['lam_mask']:g})")
         return
-    print(f"mean zero-shot ||h|| = {s:.2f}: the authors' λ={a['lam']:g}, "
+    print(f"mean zero-shot ||h|| = {norm:.2f}: the authors' λ={a['lam']:g}, "
           f"λ_mask={a['lam_mask']:g}, λ_l1={a['lam_l1']:g}, λ_remove={a['lam_remove']:g} (raw "
-          f"embeddings) ≈ here λ={a['lam'] * s * s:.0f}, λ_mask={a['lam_mask'] / s:.3g}, "
-          f"λ_l1={a['lam_l1'] / s:.2g}, λ_remove={a['lam_remove'] / s:.2g} (scale note: "
+          f"embeddings) ≈ here λ={a['lam'] * norm * norm:.0f}, "
+          f"λ_mask={a['lam_mask'] / norm:.3g}, λ_l1={a['lam_l1'] / norm:.2g}, "
+          f"λ_remove={a['lam_remove'] / norm:.2g} (scale note: "
           f"losses.regulariser); running λ={args.lam:g}, μ={args.mu:g}, "
           f"λ_mask={args.lam_mask:g}")
 
 
-def write_summary(out, step, total_steps, args, skipped=0):
+def write_summary(run, total_steps):
     """summary.json: steps done, the last logged step, the first and last probe, and the
     image reads --skip-bad-images skipped (each unreadable image once per epoch)."""
+    out, args = run.out, run.args
     probes = runs.read_jsonl(out / PROBE_LOG, missing_ok=True)
     logs = runs.read_jsonl(out / TRAIN_LOG, missing_ok=True)
-    summary = {"steps": step, "total_steps": total_steps, "finished": step == total_steps,
-               "last_log": logs[-1] if logs else None,
+    summary = {"steps": run.step, "total_steps": total_steps,
+               "finished": run.step == total_steps, "last_log": logs[-1] if logs else None,
                "probe_first": probes[0] if probes else None,
-               "probe_last": probes[-1] if probes else None, "skipped_images": skipped,
+               "probe_last": probes[-1] if probes else None, "skipped_images": run.skipped,
                "args": vars(args)}
     if args.device.startswith("cuda"):
         summary["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     runs.write_json(out / SUMMARY, summary)
-    print(f"saved {out / models.WEIGHT_FILE} after {step}/{total_steps} steps")
+    print(f"saved {out / models.WEIGHT_FILE} after {run.step}/{total_steps} steps")
     return summary
 
 
@@ -667,4 +657,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-

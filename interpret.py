@@ -1,3 +1,4 @@
+# Reading order: settings (parse_*_args) → method (the ranking: rank_changes) → loop (report).
 """Interpretability — what fine-tuning did to the zero-shot model's SAE features, feature by feature
 (§1 contribution 3, §4).
 
@@ -58,7 +59,7 @@ import losses
 import models
 import report as figures
 import runs
-from data import UserError
+from runs import PROBE_LOG, UserError
 
 # ============================================================================================
 # Settings: the defaults of the command-line flags (shown by --help), then display constants
@@ -74,7 +75,7 @@ REWEIGHT_THRESHOLD = 0.25  # "re-weighted" count: |mean change| > this fraction 
 PER_CLASS_ROWS = 30    # classes in the per-class table: the lowest feature overlap first
 CLASSES_KEPT = 20      # per listed feature, the most affected classes kept (JSON line, report)
 CATEGORIES = ("added", "removed", "reweighted")
-REPORT, PROBE_LOG, OVER_TRAINING = "report.md", "probe.jsonl", "over_training.png"
+REPORT, OVER_TRAINING = "report.md", "over_training.png"
 
 
 def parse_report_args(argv):
@@ -182,9 +183,10 @@ def feature_stats(z0, z):
     add, rem, both = change_masks(z0, z)
     n_both = both.sum(0).double()
     per = n_both.clamp_min(1)  # a mean over no images is reported as 0, never NaN
-    return FeatureStats(add.sum(0).double(), (z * add).sum(0), rem.sum(0).double(),
-                        (z0 * rem).sum(0), n_both, (z0 * both).sum(0) / per,
-                        (z * both).sum(0) / per)
+    return FeatureStats(added=add.sum(0).double(), added_mass=(z * add).sum(0),
+                        removed=rem.sum(0).double(), removed_mass=(z0 * rem).sum(0),
+                        both=n_both, mean_z0=(z0 * both).sum(0) / per,
+                        mean_z=(z * both).sum(0) / per)
 
 
 def ranked(keys, eligible, top):
@@ -284,12 +286,14 @@ def rank_changes(z0, z, labels, classnames, top=TOP, min_images=MIN_IMAGES):
     sizes = class_sums(torch.ones(len(labels)), labels, len(classnames)).long().tolist()
     out = {"counts": category_counts(stats, min_images)}
     for cat in CATEGORIES:
-        out[cat] = [feature_entry(stats, z0, z, labels, classnames, sizes, i, cat)
+        out[cat] = [feature_entry(stats, z0, z, labels, classnames, sizes=sizes, i=i, cat=cat)
                     for i in ids[cat]]
     return out
 
 
 def feature_entry(stats, z0, z, labels, classnames, sizes, i, cat):
+    """The JSON entry of feature i listed in category `cat`: its counts, its mass or mean
+    change, and the classes its change falls in (sizes: images per class)."""
     e = {"feature": i, "added": int(stats.added[i]), "removed": int(stats.removed[i]),
          "both": int(stats.both[i])}
     if cat == "added":
@@ -351,7 +355,7 @@ def check_widths(sae, model, clip_width, run_width):
 
 def embed_images(model, dataset, preprocess, args):
     """h (N, d) unnormalised embeddings (model.encode_image) and labels (N,); an image
-    --skip-bad-images skipped keeps its row, labelled data.UNREADABLE."""
+    --skip-bad-images skipped keeps its row (drop_unreadable drops it)."""
     loader = data.make_loader(dataset, preprocess, args.batch_size, workers=args.workers,
                               skip_bad=args.skip_bad_images)
     return data.extract_embeddings(model, loader, args.device, args.amp)
@@ -360,7 +364,7 @@ def embed_images(model, dataset, preprocess, args):
 def drop_unreadable(dataset, labels, what, *embeddings):
     """Leave out the rows of the images --skip-bad-images skipped: (dataset, labels,
     *embeddings, count), the dataset's rows still matching the embeddings' (for the grids)."""
-    readable = labels != data.UNREADABLE
+    readable = data.readable(labels)
     skipped = int((~readable).sum())
     if skipped:
         data.skip_warning(skipped, what)
@@ -481,7 +485,7 @@ def names_list(items, m):
 
 
 def section_summary(info, ranking):
-    s, c = info["summary"], ranking["counts"]
+    summary, counts = info["summary"], ranking["counts"]
     lines = ["## Summary", "",
              f"- fine-tuned run: `{info['run']}` (method `{info['method']}`), against its "
              f"zero-shot model `{info['model']}`" + (f" / `{info['pretrained']}`"
@@ -496,20 +500,22 @@ def section_summary(info, ranking):
              ""]
     rows = [("FVU of the SAE (§4; > 1: worse than the mean)", "fvu", ".3f"),
             ("features active per image", "l0", ".2f")]
-    if "top1_zero_shot" in s:  # only when both heads score this set's classes
+    if "top1_zero_shot" in summary:  # only when both heads score this set's classes
         rows.insert(0, ("top-1 accuracy (%)", "top1", ".1f"))
     lines += ["| | zero-shot | fine-tuned |", "|---|---|---|"]
-    lines += [f"| {what} | {s[key + '_zero_shot']:{f}} | {s[key + '_fine_tuned']:{f}} |"
-              for what, key, f in rows]
+    lines += [f"| {what} | {summary[key + '_zero_shot']:{f}} | "
+              f"{summary[key + '_fine_tuned']:{f}} |" for what, key, f in rows]
     lines += ["",
-              f"Feature overlap |S0 ∩ S| / k = **{s['overlap']:.3f}** (1: every image keeps its "
-              f"zero-shot features). Per image, on average **{s['added_per_image']:.2f}** "
-              f"features switch on and **{s['removed_per_image']:.2f}** switch off; features "
-              f"switched on carry {100 * s['added_mass_share']:.1f}% of the fine-tuned "
+              f"Feature overlap |S0 ∩ S| / k = **{summary['overlap']:.3f}** (1: every image "
+              f"keeps its zero-shot features). Per image, on average "
+              f"**{summary['added_per_image']:.2f}** features switch on and "
+              f"**{summary['removed_per_image']:.2f}** switch off; features switched on carry "
+              f"{100 * summary['added_mass_share']:.1f}% of the fine-tuned "
               "activation mass.", "",
               f"Counted over features whose change shows on ≥ {info['min_images']} images: "
-              f"**{c['added']} added**, **{c['removed']} removed**, {c['kept']} kept by both "
-              f"models on the same images, of which **{c['reweighted']} re-weighted** (mean "
+              f"**{counts['added']} added**, **{counts['removed']} removed**, {counts['kept']} "
+              f"kept by both models on the same images, of which **{counts['reweighted']} "
+              f"re-weighted** (mean "
               f"activation changed by more than {100 * REWEIGHT_THRESHOLD:.0f}%)."]
     for cat in CATEGORIES:
         if ranking[cat]:
@@ -642,7 +648,7 @@ def report(args):
     z, fvu1 = sae_codes(sae, h, args.device)
     # ---- the ranking (pure math), then what each listed feature looks like
     ranking = rank_changes(z0, z, labels, classnames, args.top, args.min_images)
-    summary = summarise(z0, z, h0, h, labels, W, ft, sae.k, fvu0, fvu1)
+    summary = {**summarise(z0, z, sae.k, fvu0, fvu1), **head_accuracy(h0, h, labels, W, ft)}
     prompts = [t.replace("{}", c) for c in classnames for t in templates[:args.prompt_templates]]
     text_prompts = embed_texts(clip, tokenizer, prompts, args.device)           # (C·T', d)
     out = Path(args.out)
@@ -650,9 +656,9 @@ def report(args):
     atoms, drawn = sae.W_dec.detach().cpu(), set()                              # (d, n)
     for cat in CATEGORIES:
         for e in ranking[cat]:
-            describe(e, atoms, W, text_prompts, classnames, prompts, args.texts)
-            e["grids"] = grids(e, cat, dataset, z0, z, labels, classnames, out, args.images,
-                               drawn)
+            describe(e, atoms, W, text_prompts, classnames, prompts=prompts, m=args.texts)
+            e["grids"] = grids(e, cat, dataset, z0, z, labels, classnames=classnames, out=out,
+                               m=args.images, drawn=drawn)
     # ---- the report folder and the JSON line
     info = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "run": str(args.run),
             "method": runs.run_method(config), "model": model_name, "pretrained": pretrained,
@@ -674,22 +680,27 @@ def report(args):
     return record
 
 
-def summarise(z0, z, h0, h, labels, W, ft, k, fvu0, fvu1):
-    """Set-level numbers for the Summary: accuracy, FVU, L0, overlap, change per image."""
+def summarise(z0, z, k, fvu0, fvu1):
+    """Set-level numbers for the Summary: FVU, L0, overlap, change per image."""
     add, rem, _ = change_masks(z0, z)
-    s = {"fvu_zero_shot": fvu0, "fvu_fine_tuned": fvu1,
-         "l0_zero_shot": (z0 > 0).sum(1).double().mean().item(),
-         "l0_fine_tuned": (z > 0).sum(1).double().mean().item(),
-         "overlap": losses.feature_overlap(z, z0, k).item(),
-         "added_per_image": add.sum(1).double().mean().item(),
-         "removed_per_image": rem.sum(1).double().mean().item(),
-         "added_mass_share": ((z * add).sum() / z.sum().clamp_min(1e-12)).item()}
-    if W.shape[0] == ft.head.out_features:  # both heads score this set's classes
-        with torch.no_grad():
-            s["top1_zero_shot"] = accuracy(F.normalize(h0, dim=-1) @ W.T, labels)
-            head = ft.head.weight.detach().cpu(), ft.head.bias.detach().cpu()
-            s["top1_fine_tuned"] = accuracy(F.linear(F.normalize(h, dim=-1), *head), labels)
-    return s
+    return {"fvu_zero_shot": fvu0, "fvu_fine_tuned": fvu1,
+            "l0_zero_shot": (z0 > 0).sum(1).double().mean().item(),
+            "l0_fine_tuned": (z > 0).sum(1).double().mean().item(),
+            "overlap": losses.feature_overlap(z, z0, k).item(),
+            "added_per_image": add.sum(1).double().mean().item(),
+            "removed_per_image": rem.sum(1).double().mean().item(),
+            "added_mass_share": ((z * add).sum() / z.sum().clamp_min(1e-12)).item()}
+
+
+@torch.no_grad()
+def head_accuracy(h0, h, labels, W, ft):
+    """Top-1 (%) of the zero-shot head W (C, d) on h0 and of the fine-tuned head on h, when
+    both score this set's classes ({} otherwise)."""
+    if W.shape[0] != ft.head.out_features:
+        return {}
+    head = ft.head.weight.detach().cpu(), ft.head.bias.detach().cpu()
+    return {"top1_zero_shot": accuracy(F.normalize(h0, dim=-1) @ W.T, labels),
+            "top1_fine_tuned": accuracy(F.linear(F.normalize(h, dim=-1), *head), labels)}
 
 
 def describe(entry, atoms, W, text_prompts, classnames, prompts, m):
@@ -719,10 +730,11 @@ def grids(entry, cat, dataset, z0, z, labels, classnames, out, m, drawn):
 
 
 def print_summary(info, ranking, out, results):
-    s, c = info["summary"], ranking["counts"]
-    print(f"{info['method']} vs zero-shot on {info['n']} images | overlap {s['overlap']:.3f} | "
-          f"fvu {s['fvu_zero_shot']:.3f} -> {s['fvu_fine_tuned']:.3f} | added {c['added']} | "
-          f"removed {c['removed']} | reweighted {c['reweighted']}")
+    summary, counts = info["summary"], ranking["counts"]
+    print(f"{info['method']} vs zero-shot on {info['n']} images | overlap "
+          f"{summary['overlap']:.3f} | fvu {summary['fvu_zero_shot']:.3f} -> "
+          f"{summary['fvu_fine_tuned']:.3f} | added {counts['added']} | "
+          f"removed {counts['removed']} | reweighted {counts['reweighted']}")
     for cat in CATEGORIES:
         print(f"  {cat:10s}: " + ", ".join(f"#{e['feature']}" for e in ranking[cat]))
     print(f"wrote {out / REPORT}; appended a line to {results}")

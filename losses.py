@@ -132,6 +132,18 @@ def at_least_fp32(t):
     return t if t.dtype == torch.float64 else t.float()
 
 
+# --------------------------------------------------------------------------------------------
+# The fine-tuning objective L = CE(logits, y) + λ·R(h, h0; SAE)  (§3, §5; finetune.sae_ft_loss)
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, y, label_smoothing=0.0):
+    """CE = mean over B of −log softmax(logits)_y (with label smoothing ε: the target puts 1 − ε
+    on y and ε / C on every class). logits (B, C) — from a bf16 forward too: the loss is
+    computed in at least fp32 — and y (B,) class ids."""
+    return F.cross_entropy(at_least_fp32(logits), y, label_smoothing=label_smoothing)
+
+
 REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove")
 # Where R is computed: "unit" (this project's default) on unit-normalised embeddings, "raw" on
 # the raw ones, as the authors' training code does (see `regulariser`).

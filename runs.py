@@ -17,13 +17,17 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     save_checkpoint, load_checkpoint   checkpoint.pt, atomic, loadable with weights_only=True
     first_non_finite                   nothing inf/NaN reaches a checkpoint
     truncate_jsonl                     on resume, drop log lines written after the checkpoint
+    resumable_checkpoint, RunState     a fine-tuning run's position (step, epoch, last save,
+                                       skipped images, rank gate): resume, log / probe /
+                                       checkpoint after a step, a clean stop at a bad image
     read_run, Run                      a finetune.py output folder and what its config says
     dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
     gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
     Progress, progress                 a tqdm bar on a terminal, plain periodic lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
-the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`).
+the data, in data.py (`epoch_order`, `SeededImages`, `epoch_loader`). An unreadable image is a
+BadImage (defined here, raised by data.py), and SKIP_FLAG names the flag that skips them.
 """
 import argparse
 import contextlib
@@ -46,12 +50,21 @@ import torch
 import torch.distributed as dist
 import tqdm
 
-WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"   # a fine-tuned model (models.py)
+# A fine-tuning run folder (finetune.py --out): the model (models.py), what --resume needs, logs
+WEIGHT_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG, PROBE_LOG, SUMMARY = "train_log.jsonl", "probe.jsonl", "summary.json"
+RUN_FILES = (WEIGHT_FILE, CONFIG_FILE, CHECKPOINT, TRAIN_LOG, PROBE_LOG, SUMMARY)
+SKIP_FLAG = "--skip-bad-images"
 
 
 class UserError(Exception):
     """Bad input or settings: the command line prints `error: <message>` and exits 1."""
+
+
+class BadImage(UserError):
+    """An image that cannot be decoded (data.py raises it); the message names it and the way
+    out. A stage stops at it with one line, a fine-tuning run saving its last step first."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -450,6 +463,150 @@ def first_non_finite(named_tensors):
     if not named or torch.stack([t.isfinite().all() for _, t in named]).all():
         return None
     return next(k for k, t in named if not t.isfinite().all())
+
+
+# ============================================================================================
+# A resumable run: where it stands, and what it does between two optimiser steps
+# ============================================================================================
+
+def resumable_checkpoint(args, held_files, free):
+    """Check --out with --resume / --overwrite before any work: the checkpoint to resume (a
+    dict), or None for a fresh run. A resumed run keeps every setting but those in `free` (they
+    do not change the weights) and runs on as many processes as before (runs.RunState)."""
+    ckpt = check_out(args.out, held_files, args.resume, args.overwrite)
+    if ckpt is not None:
+        check_same_settings(args.out, ckpt["args"], args, free)
+        if ckpt.get("world_size", 1) != world_size():
+            raise UserError(f"the run in {args.out} was trained by {ckpt.get('world_size', 1)} "
+                            f"process(es), not {world_size()}: resume it with as many (the data "
+                            "order and the effective batch depend on it)")
+    return ckpt
+
+
+class RunState:
+    """Where a resumable run stands (finetune.py), and what it does around its steps:
+
+        step      optimiser steps done             epoch     whole epochs done
+        position  steps done in the current epoch  saved     the step checkpoint.pt holds
+        skipped   image reads --skip-bad-images left out (an unreadable image once per epoch)
+        rank, world, main   this process, the processes (torchrun), and the rank-0 gate: rank
+                  0 alone prints, logs, probes and writes (every rank holds the same weights)
+
+    The loop asks it to `resume` (or start afresh), to `stop_at_bad_image` cleanly, and, after
+    each step, to log, probe and checkpoint when they are due (`after_step`). A checkpoint holds
+    the weights, the optimiser, every RNG and this position; with a data order that is a pure
+    function of (seed, epoch) (data.epoch_loader) a resumed run ends with the weights of an
+    uninterrupted one. `args` needs out, batch_size, accum_steps, log_every, probe_every and
+    save_every; `line(record)` is the progress line printed for each logged step.
+    """
+
+    def __init__(self, args, checkpoint, steps_per_epoch, stop, line=str):
+        self.args, self.checkpoint, self.out = args, checkpoint, Path(args.out)
+        self.steps_per_epoch, self.stop, self.line = steps_per_epoch, stop, line
+        self.step = self.epoch = self.position = self.skipped = 0
+        self.saved = None
+        self.rank, self.world = rank(), world_size()
+        self.main = self.rank == 0
+        self.effective = args.batch_size * args.accum_steps * self.world   # images per step
+        self.model = self.opt = self.bar = None
+
+    def resume(self, model, opt, probe=None):
+        """Go on from the checkpoint: weights, optimiser, RNGs and position, dropping the log
+        lines written after it. Without one, a fresh run: clear what an earlier run left in
+        --out, then log `probe(0)` (the zero-shot model's). `model` and `opt` are what the
+        checkpoints save from now on."""
+        self.model, self.opt, ckpt = model, opt, self.checkpoint
+        if ckpt is None:
+            if self.main:
+                clear_out(self.out, RUN_FILES)
+                if probe is not None:
+                    append_jsonl(self.out / PROBE_LOG, probe(0))
+            return
+        with reading(self.out / CHECKPOINT, "a checkpoint of this model", "the run cannot "
+                     "be resumed from it: start it again with --overwrite"):
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"])
+            self.step, self.epoch, self.position = ckpt["step"], ckpt["epoch"], ckpt["pos"]
+        self.saved, self.skipped = self.step, ckpt.get("skipped_images", 0)
+        if self.main:
+            truncate_jsonl(self.out / TRAIN_LOG, self.step)
+            truncate_jsonl(self.out / PROBE_LOG, self.step)
+            print(f"resumed {self.out} at step {self.step} (epoch {self.epoch}, step "
+                  f"{self.position} of it)")
+
+    @contextlib.contextmanager
+    def progress(self, desc):
+        """The loop's block: a bar over the steps (rank 0's; the others' is silent), and the
+        clock of the logged ms/step."""
+        self.bar = Progress(self.stop, desc, unit="step", start=self.step,
+                            stream=None if self.main else open(os.devnull, "w"))
+        self.t_log, self.since_log = time.time(), 0
+        try:
+            yield self
+        finally:
+            self.bar.close()
+
+    @contextlib.contextmanager
+    def stop_at_bad_image(self):
+        """An unreadable image met in the block (BadImage) stops the run with one line naming
+        it, the checkpoint of the last whole step saved first if checkpoint.pt is older (the
+        step the image is in has not started: its images are read first), and how to go on.
+        Under torchrun the process that met the image stops alone, so only the last periodic
+        checkpoint is kept."""
+        try:
+            yield
+        except BadImage as e:
+            if self.world == 1 and self.step > 0 and self.step != self.saved:
+                self.save()
+            how = (f". The run is saved at step {self.saved} ({self.out / CHECKPOINT}): to go "
+                   f"on, run the same command with --resume {SKIP_FLAG}"
+                   if self.saved is not None else "")
+            raise UserError(one_line(e) + how) from None
+
+    def after_step(self, images, record, probe=None):
+        """Count the step just done (it trained on `images`: the effective batch less the
+        unreadable ones skipped), then, on rank 0, each when due: log `record` (step, epoch and
+        ms/step added) to train_log.jsonl and print its line (--log-every, and the last step);
+        append `probe(step)` to probe.jsonl (--probe-every, and the last step); checkpoint
+        (--save-every, every epoch end, the last step). Returns True at an epoch's end."""
+        a = self.args
+        self.skipped += self.effective - images
+        self.step, self.position, self.since_log = (self.step + 1, self.position + 1,
+                                                    self.since_log + 1)
+        self.bar.update()
+        epoch_done = self.position == self.steps_per_epoch
+        if epoch_done:
+            self.epoch, self.position = self.epoch + 1, 0
+        last = self.step == self.stop
+        checkpoint = epoch_done or last or bool(a.save_every and self.step % a.save_every == 0)
+        self.saved = self.step if checkpoint else self.saved  # every rank knows what 0 saved
+        if not self.main:
+            return epoch_done
+        if self.step % a.log_every == 0 or last:
+            self.log(record)
+        if probe is not None and ((a.probe_every and self.step % a.probe_every == 0) or last):
+            append_jsonl(self.out / PROBE_LOG, probe(self.step))
+        if checkpoint:
+            self.save()
+        return epoch_done
+
+    def log(self, record):
+        """One train_log.jsonl line (step, epoch, record, ms/step since the last one), printed."""
+        ms = (time.time() - self.t_log) * 1e3 / self.since_log
+        record = {"step": self.step, "epoch": self.epoch + self.position / self.steps_per_epoch,
+                  **record, "ms_per_step": ms}
+        print(self.line(record), flush=True)
+        append_jsonl(self.out / TRAIN_LOG, record)
+        self.t_log, self.since_log = time.time(), 0
+
+    def save(self):
+        """checkpoint.pt: everything --resume needs to go on from this step."""
+        save_checkpoint(self.out / CHECKPOINT, model=self.model.state_dict(),
+                        optimizer=self.opt.state_dict(), step=self.step, epoch=self.epoch,
+                        pos=self.position, args=vars(self.args), world_size=self.world,
+                        skipped_images=self.skipped)
+        self.saved = self.step
 
 
 # ============================================================================================

@@ -110,6 +110,23 @@ def test_weighted_total_is_the_documented_sum():
         L.regulariser("sae-preserve", h, h0)
 
 
+@pytest.mark.parametrize("B,C,eps", [(1, 2, 0.0), (5, 7, 0.0), (6, 3, 0.1)])
+def test_cross_entropy_matches_naive_and_runs_bf16_logits_in_fp32(B, C, eps):
+    g = torch.Generator().manual_seed(B)
+    logits, y = torch.randn(B, C, generator=g) * 3, torch.randint(0, C, (B,), generator=g)
+    ln = logits.double().numpy()
+    ref = 0.0
+    for b in range(B):
+        logp = ln[b] - math.log(sum(math.exp(v) for v in ln[b]))
+        target = [eps / C + (1 - eps) * (c == int(y[b])) for c in range(C)]
+        ref -= sum(t * lp for t, lp in zip(target, logp)) / B
+    assert L.cross_entropy(logits, y, eps).item() == pytest.approx(ref, rel=1e-5)
+    half = L.cross_entropy(logits.bfloat16(), y, eps)
+    assert half.dtype == torch.float32       # bf16 logits: the loss itself is fp32
+    assert half.item() == pytest.approx(
+        F.cross_entropy(logits.bfloat16().float(), y, label_smoothing=eps).item(), rel=1e-6)
+
+
 def test_fvu_and_auxk_match_naive():
     x, xh = torch.randn(9, 11, dtype=torch.float64), torch.randn(9, 11, dtype=torch.float64)
     xn, xhn = np64(x, xh)

@@ -79,7 +79,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 import runs
-from data import UserError
+from runs import UserError
 
 # ----------------------------------------------------------------------------- settings
 CLASSES = ("circle", "square", "triangle", "star", "cross",

@@ -1,3 +1,4 @@
+# Reading order: settings (parse_args) → method (sae_loss, sae_step) → loop (train, fit).
 """Stage 1 — train a Top-k sparse autoencoder on frozen zero-shot CLIP image embeddings (§3).
 
 The SAE gives the zero-shot model a dictionary of sparse features; stage 2 (finetune.py) keeps
@@ -33,18 +34,22 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+import data
 import losses
-from data import (SKIP_FLAG, SKIP_HELP, UNREADABLE, UserError, cached_embeddings,
-                  embedding_cache_key, extract_embeddings, load_image_dataset, make_loader,
-                  skip_warning)
-from models import load_clip, model_identity
+import models
 import runs
+from runs import UserError
 from sae import TopKSAE
 
+
+# ============================================================================================
+# Settings
+# ============================================================================================
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -63,8 +68,8 @@ def parse_args(argv=None):
     g.add_argument("--label-column", default="label", help="label column (carried into the cache)")
     g.add_argument("--max-samples", type=int, default=None, help="use only the first N images")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where embeddings are cached")
-    g.add_argument(SKIP_FLAG, action="store_true", help=SKIP_HELP + "; the SAE trains on the "
-                   "rest (their count is in sae_config.json)")
+    g.add_argument(data.SKIP_FLAG, action="store_true", help=data.SKIP_HELP + "; the SAE "
+                   "trains on the rest (their count is in sae_config.json)")
     g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the "
                    "evaluations and the report")
     add_training_args(p)
@@ -130,56 +135,40 @@ def check_args(args):
     runs.check_device(args.device)
 
 
-def zero_shot_embeddings(args):
-    """(h (N, d) float32, labels (N,)) of the train split under the eval transform, cached.
-    The cache key names the model's weights and the dataset's files, so a different model or
-    dataset (or one rebuilt at the same path) is never read by mistake; finetune.py
-    --cache-zero-shot uses the same key, so it reuses these embeddings as its targets.
-    With --skip-bad-images an unreadable image keeps its row, labelled UNREADABLE (so
-    finetune.py can index the cache by image); train() drops those rows."""
-    dataset = load_image_dataset(args.train_data, args.split, args.image_column,
-                                 args.label_column, args.max_samples)
-    identity = model_identity(args.model, args.pretrained, args.force_quick_gelu or None)
-    key = embedding_cache_key(identity, dataset, args.train_data, args.split, args.image_column,
-                              args.label_column, args.max_samples, transform="eval",
-                              skip_bad=args.skip_bad_images, amp=args.amp)
+# ============================================================================================
+# The method: the SAE objective (§3; Gao et al. 2024), and the step around it
+# ============================================================================================
 
-    def compute():
-        model, _, preprocess_val, _ = load_clip(args.model, args.pretrained, args.device,
-                                                args.force_quick_gelu or None)
-        loader = make_loader(dataset, preprocess_val, args.extract_batch_size, shuffle=False,
-                             workers=args.workers, seed=args.seed, shard=True,  # torchrun
-                             skip_bad=args.skip_bad_images)
-        h, labels = extract_embeddings(model, loader, args.device, args.amp)
-        return {"h": h, "labels": labels}
-
-    cached = cached_embeddings(args.cache_dir, key, compute)
-    return cached["h"].float(), cached["labels"]
+class SAELoss(NamedTuple):
+    loss: torch.Tensor     # L = FVU + α_aux·AuxK, a scalar that carries the gradient
+    fvu: torch.Tensor      # FVU(x, x̃)
+    auxk: torch.Tensor     # AuxK of the dead latents (0 when none is dead)
+    z: torch.Tensor        # (B, n) the codes: which latents fired
 
 
-def lr_at(step, base_lr, warmup, total, decay_steps):
-    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last
-    `decay_steps` of `total` steps: lr · min((s+1)/warmup, 1, (total − s)/decay_steps)."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup), (total - step) / max(1, decay_steps))
+def sae_loss(sae, x, dead, aux_k=256, aux_coef=1 / 32):
+    """The SAE objective on a batch of embeddings x (B, d) (§3; Gao et al. 2024):
 
+        z = ReLU(TopK_k(W_enc(x − b_dec) + b_enc)),   x̃ = W_dec z + b_dec      (B, n), (B, d)
+        L = FVU(x, x̃) + α_aux · AuxK(x − x̃; the top-k_aux dead latents)
 
-def batch_order(N, epoch, seed):
-    """The order of the N training embeddings in `epoch` (also what bench_sae.py feeds SAELens)."""
-    return torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1 + epoch))
+    dead (n,) bool: the latents that have not fired for a while; AuxK makes them explain the
+    residual the live ones leave, so they come back to life."""
+    out = sae(x)                                                  # x (unit norm), z, x_hat
+    fvu = losses.fvu(out.x, out.x_hat)
+    aux_hat = losses.auxk_reconstruction(out.pre, dead, sae.W_dec, aux_k)
+    auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
+    return SAELoss(fvu + aux_coef * auxk, fvu, auxk, out.z)
 
 
 def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, aux_coef=1 / 32,
              clip=1.0):
-    """One SAE optimisation step on a batch of embeddings (B, d): loss = FVU + α_aux·AuxK over
-    the latents that have not fired for `dead_samples` samples (since_fired (n,)), then
+    """One SAE optimisation step on a batch of embeddings (B, d): sae_loss, with the latents
+    that have not fired for `dead_samples` samples (since_fired (n,)) as AuxK's dead ones, then
     remove-parallel-grad → clip → step → renormalise atoms. Returns (since_fired, fvu, auxk).
     A non-finite loss, or weights the update made non-finite, stop the run (nothing is saved)."""
-    out = sae(batch)
-    fvu = losses.fvu(out.x, out.x_hat)
     dead = since_fired >= dead_samples                                  # (n,) Gao et al. AuxK
-    aux_hat = losses.auxk_reconstruction(out.pre, dead, sae.W_dec, aux_k)
-    auxk = losses.auxk_loss((out.x - out.x_hat).detach(), aux_hat)
-    loss = fvu + aux_coef * auxk
+    loss, fvu, auxk, z = sae_loss(sae, batch, dead, aux_k, aux_coef)
     if not torch.isfinite(loss):
         raise UserError(f"non-finite SAE loss at step {step + 1} (fvu {fvu.item()}, auxk "
                         f"{auxk.item()}); lower --lr")
@@ -195,30 +184,14 @@ def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, au
     if bad is not None:
         raise UserError(f"non-finite SAE weights ({bad}) after the update of step {step + 1}; "
                         "nothing was saved. Lower --lr")
-    fired = (out.z > 0).any(0)
+    fired = (z > 0).any(0)
     return torch.where(fired, 0, since_fired + len(batch)), fvu, auxk
 
 
-@torch.no_grad()
-def held_out_report(sae, h, batch_size, mean):
-    """FVU, mean cos(x, x̃), L0 and dead fraction of the SAE on held-out embeddings h (N, d).
-
-    FVU = Σ||x − x̃||² / Σ||x − μ||² with μ the *training* mean of the unit embeddings (d,):
-    the error relative to the best constant guess made without the held-out data. For a large
-    set it equals losses.fvu (which centres on the set's own mean) up to O(1/N), and it stays
-    defined for a held-out set of one embedding. Streams over batches (no N × n code kept)."""
-    err = var = cos = l0 = 0.0
-    fired = torch.zeros(sae.n, dtype=torch.bool, device=h.device)
-    for i in range(0, len(h), batch_size):
-        out = sae(h[i:i + batch_size])
-        err += (out.x - out.x_hat).pow(2).sum().item()
-        var += (out.x - mean).pow(2).sum().item()
-        cos += F.cosine_similarity(out.x, out.x_hat, dim=-1).sum().item()
-        active = out.z > 0
-        l0 += active.sum().item()
-        fired |= active.any(0)
-    return {"fvu": err / max(var, 1e-12), "cos": cos / len(h), "l0": l0 / len(h),
-            "dead_fraction": 1 - fired.float().mean().item()}
+def lr_at(step, base_lr, warmup, total, decay_steps):
+    """Linear warm-up over `warmup` steps, constant, then linear decay to 0 over the last
+    `decay_steps` of `total` steps: lr · min((s+1)/warmup, 1, (total − s)/decay_steps)."""
+    return base_lr * min(1.0, (step + 1) / max(1, warmup), (total - step) / max(1, decay_steps))
 
 
 def default_lr(n, total_steps):
@@ -257,22 +230,78 @@ def schedule(args, n, total):
             round(args.lr_decay * total))
 
 
-def late_gain(history, total, decay_steps, window=0.2):
-    """How much the held-out FVU still fell late in the run, as a share of all it fell:
+# ============================================================================================
+# The loop: embeddings → SAE → fit (train, held-out evaluations) → save
+# ============================================================================================
 
-        (FVU(s_b − window·total) − FVU(s_b)) / (FVU(0) − FVU(end)),   s_b = total − decay_steps
-
-    i.e. over the last `window` of the run *before* the lr decay (the decay itself flattens any
-    curve), each FVU the last evaluation at or before that step. ≈ 0 on a plateau, ≈ window
-    while the FVU still falls steadily. None when no evaluation is early enough.
-    """
-    s_b = total - decay_steps
-    early = [r for r in history if r["step"] <= s_b - window * total]
-    late = [r for r in history if r["step"] <= s_b]
-    if not early or early[-1]["step"] == late[-1]["step"]:
+def train(args):
+    """The run (its settings checked by check_args, its --out held by runs.hold)."""
+    # ---- data: cached zero-shot embeddings, split into train / held-out
+    h, labels = zero_shot_embeddings(args)                              # (N, d)
+    rank0 = runs.is_main()
+    runs.dist_teardown()                          # torchrun: the SAE trains on rank 0 alone
+    if not rank0:
         return None
-    drop = history[0]["fvu"] - history[-1]["fvu"]
-    return (early[-1]["fvu"] - late[-1]["fvu"]) / drop if drop > 0 else 1.0
+    h_train, h_val, skipped = split(h, labels, args)
+    N, d = h_train.shape
+    n = args.expansion * d
+    if not 1 <= args.k <= n:
+        raise UserError(f"--k {args.k} must be in 1..n = expansion·d = {n}; lower --k or raise "
+                        "--expansion")
+
+    # ---- model: Top-k SAE initialised from data (b_dec = mean / geometric median, W_enc = W_decᵀ)
+    # Seeded here, not at start: on a cache miss, building the CLIP model draws from the global
+    # RNG, and the SAE must not depend on whether its embeddings were cached.
+    torch.manual_seed(args.seed)
+    sae = TopKSAE(d, n, args.k).to(args.device)
+    sae.init_from_data(h_train[:65536], args.init)
+
+    # ---- train, evaluating on the held-out embeddings as it goes (train_log.jsonl)
+    # (logged to a .part file, moved beside the SAE when it is saved: a failed or diverging run
+    # leaves an SAE already in --out and its log as they were)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "train_log.jsonl.part"
+    log.unlink(missing_ok=True)
+    try:
+        report, _ = fit(sae, h_train, h_val, args, log_path=log)
+    except BaseException:
+        log.unlink(missing_ok=True)
+        raise
+
+    # ---- save + report
+    meta = {"model": args.model, "pretrained": args.pretrained,
+            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
+            "split": args.split, "n_train": N, "skipped_images": skipped,
+            "held_out": report, "args": vars(args)}
+    sae.save(args.out, meta)
+    runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
+    os.replace(log, out / "train_log.jsonl")
+    print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
+          f"dead {100 * report['dead_fraction']:.1f}% (train-tracked "
+          f"{100 * report['dead_fraction_train']:.1f}%) | saved {args.out}")
+    return report
+
+
+def split(h, labels, args):
+    """(h_train, h_val, skipped): the readable embeddings (--skip-bad-images drops the others),
+    a held-out share (--val-fraction, at least 2: FVU is a ratio to their variance) and the
+    rest to train on, each on --device; both must vary, or there is nothing to learn."""
+    readable = data.readable(labels) | (not args.skip_bad_images)     # --skip-bad-images
+    h, skipped = h[readable], int((~readable).sum())
+    data.skip_warning(skipped, args.train_data)
+    n_val = max(2, int(args.val_fraction * len(h)))
+    if len(h) - n_val < 2:
+        raise UserError(f"{args.train_data} gave {len(h)} embeddings, {n_val} of them held out "
+                        f"(--val-fraction {args.val_fraction}, at least 2): fewer than 2 are left "
+                        "to train on; use more images or a smaller --val-fraction")
+    perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(args.seed))
+    h_val, h_train = h[perm[:n_val]].to(args.device), h[perm[n_val:]].to(args.device)
+    for name, part in (("held-out", h_val), ("training", h_train)):
+        if F.normalize(part, dim=-1).var(0).sum() < 1e-8:       # the variance FVU divides by
+            raise UserError(f"the {len(part)} {name} embeddings of {args.train_data} are all "
+                            "the same vector: nothing for an SAE to learn (duplicate images?)")
+    return h_train, h_val, skipped
 
 
 def fit(sae, h_train, h_val, args, log_path=None, echo=print):
@@ -318,14 +347,72 @@ def fit(sae, h_train, h_val, args, log_path=None, echo=print):
         order = batch_order(N, epoch, args.seed).to(h_train.device)
         for rows in batch_slices(N, args.batch_size):
             lr = lr_at(step, base_lr, warmup, total, decay)
-            since_fired, fvu, auxk = sae_step(sae, opt, h_train[order[rows]],
-                                              since_fired, dead_samples, lr, step, args.aux_k,
-                                              args.aux_coef, args.clip_grad)
+            since_fired, fvu, auxk = sae_step(sae, opt, h_train[order[rows]], since_fired,
+                                              dead_samples, lr=lr, step=step, aux_k=args.aux_k,
+                                              aux_coef=args.aux_coef, clip=args.clip_grad)
             step, fvu_sum, fvu_n = step + 1, fvu_sum + fvu.detach(), fvu_n + 1
             if step % eval_every == 0 or step == total:
                 evaluate(step, lr=lr, train_fvu=float(fvu_sum) / fvu_n, auxk=auxk.item())
                 fvu_sum, fvu_n = 0.0, 0
     return convergence_report(history, total, decay, base_lr, args.plateau_tol, echo), history
+
+
+def batch_order(N, epoch, seed):
+    """The order of the N training embeddings in `epoch` (also what bench_sae.py feeds SAELens)."""
+    return torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1 + epoch))
+
+
+def batch_slices(N, batch_size):
+    """One epoch's batches as slices of N rows; a last batch of a single row joins the one
+    before it (FVU, a ratio to the batch's variance, is 0/0 on one row)."""
+    starts = list(range(0, N, batch_size))
+    if len(starts) > 1 and N - starts[-1] == 1:
+        starts.pop()
+    return [slice(a, b) for a, b in zip(starts, starts[1:] + [N])]
+
+
+# ============================================================================================
+# Held-out evaluation and the convergence verdict
+# ============================================================================================
+
+@torch.no_grad()
+def held_out_report(sae, h, batch_size, mean):
+    """FVU, mean cos(x, x̃), L0 and dead fraction of the SAE on held-out embeddings h (N, d).
+
+    FVU = Σ||x − x̃||² / Σ||x − μ||² with μ the *training* mean of the unit embeddings (d,):
+    the error relative to the best constant guess made without the held-out data. For a large
+    set it equals losses.fvu (which centres on the set's own mean) up to O(1/N), and it stays
+    defined for a held-out set of one embedding. Streams over batches (no N × n code kept)."""
+    err = var = cos = l0 = 0.0
+    fired = torch.zeros(sae.n, dtype=torch.bool, device=h.device)
+    for i in range(0, len(h), batch_size):
+        out = sae(h[i:i + batch_size])
+        err += (out.x - out.x_hat).pow(2).sum().item()
+        var += (out.x - mean).pow(2).sum().item()
+        cos += F.cosine_similarity(out.x, out.x_hat, dim=-1).sum().item()
+        active = out.z > 0
+        l0 += active.sum().item()
+        fired |= active.any(0)
+    return {"fvu": err / max(var, 1e-12), "cos": cos / len(h), "l0": l0 / len(h),
+            "dead_fraction": 1 - fired.float().mean().item()}
+
+
+def late_gain(history, total, decay_steps, window=0.2):
+    """How much the held-out FVU still fell late in the run, as a share of all it fell:
+
+        (FVU(s_b − window·total) − FVU(s_b)) / (FVU(0) − FVU(end)),   s_b = total − decay_steps
+
+    i.e. over the last `window` of the run *before* the lr decay (the decay itself flattens any
+    curve), each FVU the last evaluation at or before that step. ≈ 0 on a plateau, ≈ window
+    while the FVU still falls steadily. None when no evaluation is early enough.
+    """
+    s_b = total - decay_steps
+    early = [r for r in history if r["step"] <= s_b - window * total]
+    late = [r for r in history if r["step"] <= s_b]
+    if not early or early[-1]["step"] == late[-1]["step"]:
+        return None
+    drop = history[0]["fvu"] - history[-1]["fvu"]
+    return (early[-1]["fvu"] - late[-1]["fvu"]) / drop if drop > 0 else 1.0
 
 
 def convergence_report(history, total, decay, lr, tol, echo=print):
@@ -353,13 +440,36 @@ def convergence_report(history, total, decay, lr, tol, echo=print):
     return report
 
 
-def batch_slices(N, batch_size):
-    """One epoch's batches as slices of N rows; a last batch of a single row joins the one
-    before it (FVU, a ratio to the batch's variance, is 0/0 on one row)."""
-    starts = list(range(0, N, batch_size))
-    if len(starts) > 1 and N - starts[-1] == 1:
-        starts.pop()
-    return [slice(a, b) for a, b in zip(starts, starts[1:] + [N])]
+# ============================================================================================
+# Setup: the zero-shot embeddings, the command line
+# ============================================================================================
+
+def zero_shot_embeddings(args):
+    """(h (N, d) float32, labels (N,)) of the train split under the eval transform, cached.
+    The cache key names the model's weights and the dataset's files, so a different model or
+    dataset (or one rebuilt at the same path) is never read by mistake; finetune.py
+    --cache-zero-shot uses the same key, so it reuses these embeddings as its targets.
+    With --skip-bad-images an unreadable image keeps its row (so finetune.py can index the
+    cache by image); `split` drops those rows."""
+    dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
+                                      args.label_column, args.max_samples)
+    identity = models.model_identity(args.model, args.pretrained, args.force_quick_gelu or None)
+    key = data.embedding_cache_key(identity, dataset, source=args.train_data, split=args.split,
+                                   image_column=args.image_column,
+                                   label_column=args.label_column, max_samples=args.max_samples,
+                                   transform="eval", skip_bad=args.skip_bad_images, amp=args.amp)
+
+    def compute():
+        model, _, preprocess_val, _ = models.load_clip(args.model, args.pretrained, args.device,
+                                                       args.force_quick_gelu or None)
+        loader = data.make_loader(dataset, preprocess_val, args.extract_batch_size,
+                                  shuffle=False, workers=args.workers, seed=args.seed,
+                                  shard=True, skip_bad=args.skip_bad_images)  # torchrun: shares
+        h, labels = data.extract_embeddings(model, loader, args.device, args.amp)
+        return {"h": h, "labels": labels}
+
+    cached = data.cached_embeddings(args.cache_dir, key, compute)
+    return cached["h"].float(), cached["labels"]
 
 
 def main(argv=None):
@@ -370,68 +480,6 @@ def main(argv=None):
         if runs.is_main():
             runs.check_out(args.out, OUT_FILES, overwrite=args.overwrite, resumable=False)
         return train(args)
-
-
-def train(args):
-    # ---- data: cached zero-shot embeddings, split into train / held-out (≥ 2 rows each:
-    # FVU is a ratio to their variance)
-    h, labels = zero_shot_embeddings(args)                              # (N, d)
-    main = runs.is_main()
-    runs.dist_teardown()                          # torchrun: the SAE trains on rank 0 alone
-    if not main:
-        return None
-    readable = (labels != UNREADABLE) | (not args.skip_bad_images)    # --skip-bad-images
-    h, skipped = h[readable], int((~readable).sum())
-    skip_warning(skipped, args.train_data)
-    n_val = max(2, int(args.val_fraction * len(h)))
-    if len(h) - n_val < 2:
-        raise UserError(f"{args.train_data} gave {len(h)} embeddings, {n_val} of them held out "
-                        f"(--val-fraction {args.val_fraction}, at least 2): fewer than 2 are left "
-                        "to train on; use more images or a smaller --val-fraction")
-    perm = torch.randperm(len(h), generator=torch.Generator().manual_seed(args.seed))
-    h_val, h_train = h[perm[:n_val]].to(args.device), h[perm[n_val:]].to(args.device)
-    for name, part in (("held-out", h_val), ("training", h_train)):
-        if F.normalize(part, dim=-1).var(0).sum() < 1e-8:       # the variance FVU divides by
-            raise UserError(f"the {len(part)} {name} embeddings of {args.train_data} are all "
-                            "the same vector: nothing for an SAE to learn (duplicate images?)")
-    N, d = h_train.shape
-    n = args.expansion * d
-    if not 1 <= args.k <= n:
-        raise UserError(f"--k {args.k} must be in 1..n = expansion·d = {n}; lower --k or raise "
-                        "--expansion")
-
-    # ---- model: Top-k SAE initialised from data (b_dec = mean / geometric median, W_enc = W_decᵀ)
-    # Seeded here, not at start: on a cache miss, building the CLIP model draws from the global
-    # RNG, and the SAE must not depend on whether its embeddings were cached.
-    torch.manual_seed(args.seed)
-    sae = TopKSAE(d, n, args.k).to(args.device)
-    sae.init_from_data(h_train[:65536], args.init)
-
-    # ---- train, evaluating on the held-out embeddings as it goes (train_log.jsonl)
-    # (logged to a .part file, moved beside the SAE when it is saved: a failed or diverging run
-    # leaves an SAE already in --out and its log as they were)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / "train_log.jsonl.part"
-    log.unlink(missing_ok=True)
-    try:
-        report, _ = fit(sae, h_train, h_val, args, log_path=log)
-    except BaseException:
-        log.unlink(missing_ok=True)
-        raise
-
-    # ---- save + report
-    meta = {"model": args.model, "pretrained": args.pretrained,
-            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
-            "split": args.split, "n_train": N, "skipped_images": skipped,
-            "held_out": report, "args": vars(args)}
-    sae.save(args.out, meta)
-    runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
-    os.replace(log, out / "train_log.jsonl")
-    print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
-          f"dead {100 * report['dead_fraction']:.1f}% (train-tracked "
-          f"{100 * report['dead_fraction_train']:.1f}%) | saved {args.out}")
-    return report
 
 
 if __name__ == "__main__":

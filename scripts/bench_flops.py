@@ -207,7 +207,7 @@ def count_sae(d, args):
         sae.init_from_data(h)
         opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
         since = torch.where(torch.rand(n, generator=g) < dead, 10 ** 12, 0)
-        total = count(lambda: train_sae.sae_step(sae, opt, h, since, 10 ** 6, 1e-4, 0))[0]
+        total = count(lambda: train_sae.sae_step(sae, opt, h, since, 10 ** 6, lr=1e-4, step=0))[0]
         out[name] = total / B
     out["formula_no_dead"] = 12 * d * n                  # bench.py's bound: 3 × 2 matmuls × 2dn
     return out

@@ -67,10 +67,10 @@ def test_loader_skips_the_same_rows_with_any_worker_count(bad_image_dataset, bad
         for workers in (0, 2):
             labels = torch.cat([y for _, y in data.make_loader(ds, tf, 5, workers=workers,
                                                                skip_bad=True)])
-            assert (labels == data.UNREADABLE).nonzero().flatten().tolist() == bad
+            assert (~data.readable(labels)).nonzero().flatten().tolist() == bad
             images = data.SeededImages(ds, tf, skip_bad=True)
-            seen = [i for b in data.epoch_loader(images, 3, 0, 0, 0, len(ds) // 3, workers)
-                    for i in b[2].tolist()]
+            seen = [i for b in data.epoch_loader(images, 3, 0, 0, 0, len(ds) // 3,
+                                                 workers=workers) for i in b[2].tolist()]
             order = data.epoch_order(0, 0, len(ds))[0][:len(ds) // 3 * 3].tolist()
             assert seen == [i for i in order if i not in bad]
     sub = data.load_image_dataset(bad_image_dataset, "train", max_samples=12)
@@ -281,3 +281,16 @@ def test_command_line_prints_one_line_not_a_traceback(bad_image_folder, tiny_cli
     assert last.startswith("error: cannot decode image ") and SKIP in last, r.stderr
     assert any(name in last for name in names.values()), last
     assert f"saved at step {done}" in last
+
+
+def test_a_micro_batch_with_no_readable_image_stops_with_one_line():
+    """epoch_loader yields None for a micro-batch whose every image was skipped; on_device, which
+    makes the micro-batches model-ready, stops there with the way out."""
+    class Batches(list):
+        batch_size = 3
+    x, y, idx = torch.zeros(3, 3, 4, 4), torch.zeros(3, dtype=torch.long), torch.arange(3)
+    batches = data.on_device(Batches([(x, y, idx), None]), "cpu")
+    assert torch.equal(next(batches)[0], x)
+    with pytest.raises(runs.UserError, match=r"^every image of a micro-batch of 3 was unreadable: "
+                       r"remove the unreadable images, or raise --batch-size$"):
+        next(batches)

@@ -5,8 +5,10 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root
 TINY = ["--model", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
@@ -78,3 +80,25 @@ def test_mem_configs_pick_the_probes_and_refuse_unknown_ones():
     with pytest.raises(UserError, match=r"unknown --mem-configs \['bf32'\]"):
         bench.resolve_defaults(bench.parse_args(["--model", "tiny",
                                                  "--mem-configs", "fp32,bf32"]))
+
+
+def test_the_breakdown_marks_the_real_step_from_outside():
+    """phase_marks times finetune.finetune_step as it is: its phases marked in order by forward
+    hooks on the two towers and by wrappers of the step's own functions, all put back after."""
+    import bench
+    import finetune
+    device = torch.device("cpu")
+    clf, f0, sae, opt = bench.build("tiny", 10, device, 0, 4, 8)
+    x, y = bench.make_batch("tiny", 4, 10, device, 0)
+    ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=False,
+                          h0_cache=None, idx=torch.arange(4))
+    loss, backward = finetune.sae_ft_loss, finetune.backward
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    marks = []
+    with bench.phase_marks(ctx, marks):
+        bench.train_step(ctx, x, y, "sae-preserve", "frozen")
+    assert [phase for phase, _ in marks] == ["forward", "frozen_forward", "loss", "backward"]
+    assert all(t1 >= t0 for (_, t0), (_, t1) in zip(marks, marks[1:]))
+    assert finetune.sae_ft_loss is loss and finetune.backward is backward
+    assert not clf._forward_hooks and not f0._forward_hooks
+    assert any(not torch.equal(v, before[k]) for k, v in clf.state_dict().items())  # it stepped

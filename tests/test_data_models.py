@@ -11,8 +11,10 @@ from PIL import Image
 
 import conftest
 import data
+import eval_sets
 import models
-from data import UserError
+import runs
+from runs import UserError
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -180,8 +182,8 @@ def test_max_samples_is_a_mixed_subset(tiny_image_dataset):
 
 # ------------------------------------------------------------------------------ eval sets
 
-@pytest.mark.parametrize("indices, timm_file", [(data.IMAGENET_R, "imagenet_r_indices.txt"),
-                                                (data.IMAGENET_A, "imagenet_a_indices.txt")])
+@pytest.mark.parametrize("indices, timm_file", [(eval_sets.IMAGENET_R, "imagenet_r_indices.txt"),
+                                                (eval_sets.IMAGENET_A, "imagenet_a_indices.txt")])
 def test_200_class_lists(indices, timm_file):
     assert len(indices) == 200 and list(indices) == sorted(set(indices))
     assert 0 <= min(indices) and max(indices) <= 999
@@ -192,16 +194,16 @@ def test_200_class_lists(indices, timm_file):
 
 
 def test_objectnet_mapping_shape():
-    assert len(data.OBJECTNET_CLASSES) == 113
-    cols = [i for g in data.OBJECTNET_TO_IMAGENET.values() for i in g]
+    assert len(eval_sets.OBJECTNET_CLASSES) == 113
+    cols = [i for g in eval_sets.OBJECTNET_TO_IMAGENET.values() for i in g]
     assert len(cols) == 125 == len(set(cols)) and all(0 <= i < 1000 for i in cols)
     from open_clip import IMAGENET_CLASSNAMES
-    assert [IMAGENET_CLASSNAMES[i] for i in data.OBJECTNET_TO_IMAGENET["alarm_clock"]] == \
+    assert [IMAGENET_CLASSNAMES[i] for i in eval_sets.OBJECTNET_TO_IMAGENET["alarm_clock"]] == \
         ["analog clock", "digital clock"]
 
 
-@pytest.mark.parametrize("name, subset", [("imagenet-r", data.IMAGENET_R),
-                                          ("imagenet-a", data.IMAGENET_A)])
+@pytest.mark.parametrize("name, subset", [("imagenet-r", eval_sets.IMAGENET_R),
+                                          ("imagenet-a", eval_sets.IMAGENET_A)])
 def test_score_200_class_subsets(name, subset):
     torch.manual_seed(0)
     logits = torch.randn(5, 1000)
@@ -209,7 +211,7 @@ def test_score_200_class_subsets(name, subset):
     logits[:, outside] = 100.0                             # global argmax is not in the subset
     target = torch.tensor([0, 7, 50, 123, 199])
     logits[torch.arange(5), torch.tensor(subset)[target]] = 50.0
-    scored = data.score_logits(logits, name)
+    scored = eval_sets.score_logits(logits, name)
     assert scored.shape == (5, 200)
     assert torch.equal(scored, logits[:, list(subset)])
     assert torch.equal(scored.argmax(1), target)
@@ -218,23 +220,23 @@ def test_score_200_class_subsets(name, subset):
 def test_score_full_sets_and_generic_sets_unchanged():
     logits = torch.randn(3, 1000)
     for name in ("imagenet", "imagenet-v2", "imagenet-sketch", "my-own-dataset"):
-        assert torch.equal(data.score_logits(logits, name), logits)
+        assert torch.equal(eval_sets.score_logits(logits, name), logits)
     with pytest.raises(UserError, match="1000"):
-        data.score_logits(torch.randn(3, 10), "imagenet-r")
+        eval_sets.score_logits(torch.randn(3, 10), "imagenet-r")
 
 
 def test_objectnet_pooling_is_max_over_mapped_columns():
     torch.manual_seed(0)
     logits = torch.randn(4, 1000)
-    scored = data.score_logits(logits, "objectnet")
+    scored = eval_sets.score_logits(logits, "objectnet")
     assert scored.shape == (4, 113)
-    for c, folder in enumerate(data.OBJECTNET_CLASSES):            # naive version
-        cols = data.OBJECTNET_TO_IMAGENET[folder]
+    for c, folder in enumerate(eval_sets.OBJECTNET_CLASSES):            # naive version
+        cols = eval_sets.OBJECTNET_TO_IMAGENET[folder]
         assert torch.equal(scored[:, c], logits[:, cols].max(dim=1).values)
     # The winning class comes from the second of its mapped columns.
-    chair = data.OBJECTNET_CLASSES.index("chair")
-    logits[0, data.OBJECTNET_TO_IMAGENET["chair"][1]] = 99.0
-    assert data.score_logits(logits, "objectnet")[0].argmax().item() == chair
+    chair = eval_sets.OBJECTNET_CLASSES.index("chair")
+    logits[0, eval_sets.OBJECTNET_TO_IMAGENET["chair"][1]] = 99.0
+    assert eval_sets.score_logits(logits, "objectnet")[0].argmax().item() == chair
 
 
 def test_imagenetv2_folders_sort_as_strings_and_are_remapped(tmp_path):
@@ -243,45 +245,45 @@ def test_imagenetv2_folders_sort_as_strings_and_are_remapped(tmp_path):
     raw = data.load_image_dataset(src)
     names = data.class_names(raw)
     assert names[2] == "10"                                         # the trap is real
-    assert data.numeric_folder_labels(names)[2] == 10
-    ds = data.load_eval_set("imagenet-v2", source=src)
+    assert eval_sets.numeric_folder_labels(names)[2] == 10
+    ds = eval_sets.load_eval_set("imagenet-v2", source=src)
     assert len(ds) == 24
     for row in ds:
         assert row["label"] == folder_code(row["image"])            # folder "10" -> class 10
 
 
 def test_imagenet_r_wnid_folders_map_to_subset_positions(tmp_path):
-    wnids = data.imagenet_wnids()
-    picked = [wnids[data.IMAGENET_R[p]] for p in (0, 5, 199)]
-    ds = data.load_eval_set("imagenet-r", source=coded_folder(tmp_path / "r", picked))
+    wnids = eval_sets.imagenet_wnids()
+    picked = [wnids[eval_sets.IMAGENET_R[p]] for p in (0, 5, 199)]
+    ds = eval_sets.load_eval_set("imagenet-r", source=coded_folder(tmp_path / "r", picked))
     for row in ds:
         assert row["label"] == (0, 5, 199)[folder_code(row["image"])]
-    not_r = wnids[next(i for i in range(1000) if i not in data.IMAGENET_R)]
+    not_r = wnids[next(i for i in range(1000) if i not in eval_sets.IMAGENET_R)]
     bad = coded_folder(tmp_path / "bad", [picked[0], not_r])
     with pytest.raises(UserError, match="not in imagenet-r"):
-        data.load_eval_set("imagenet-r", source=bad)
+        eval_sets.load_eval_set("imagenet-r", source=bad)
 
 
 def test_objectnet_folders_filtered_and_relabelled(tmp_path):
     src = coded_folder(tmp_path / "on", ["alarm_clock", "banana", "squeegee"])
-    ds = data.load_eval_set("objectnet", source=src)
+    ds = eval_sets.load_eval_set("objectnet", source=src)
     assert len(ds) == 4                                            # squeegee is not ImageNet
     for row in ds:
         folder = ["alarm_clock", "banana", "squeegee"][folder_code(row["image"])]
-        assert row["label"] == data.OBJECTNET_CLASSES.index(folder)
+        assert row["label"] == eval_sets.OBJECTNET_CLASSES.index(folder)
 
 
 def test_eval_set_without_hub_copy_says_how_to_get_it():
     with pytest.raises(UserError, match="objectnet.dev"):
-        data.load_eval_set("objectnet")
+        eval_sets.load_eval_set("objectnet")
     with pytest.raises(UserError, match="axiong/imagenet-r"):
-        data.load_eval_set("imagenet-r")                            # hub is offline in tests
+        eval_sets.load_eval_set("imagenet-r")                            # hub is offline in tests
 
 
 def test_objectnet_transform_crops_border():
     img = Image.new("RGB", (20, 16))
-    assert data.eval_transform("objectnet", lambda im: im.size)(img) == (16, 12)
-    assert data.eval_transform("imagenet-a", lambda im: im.size)(img) == (20, 16)
+    assert eval_sets.eval_transform("objectnet", lambda im: im.size)(img) == (16, 12)
+    assert eval_sets.eval_transform("imagenet-a", lambda im: im.size)(img) == (20, 16)
 
 
 # ------------------------------------------------------------------------------ embeddings + cache
@@ -515,12 +517,12 @@ def test_read_names_file(tmp_path):
     names = tmp_path / "names.txt"
     names.write_text("cat\n\ndog\n")
     assert data.read_names_file(str(names)) == ["cat", "dog"]
-    with pytest.raises(data.UserError, match="not found"):
+    with pytest.raises(runs.UserError, match="not found"):
         data.read_names_file(str(tmp_path / "missing.txt"))
 
 
 def test_eval_set_local_folder_names():
-    folders = {name: s.folder for name, s in data.EVAL_SETS.items()}
+    folders = {name: s.folder for name, s in eval_sets.EVAL_SETS.items()}
     assert folders["imagenet-v2"] == "imagenetv2-matched-frequency-format-val"
     assert folders["objectnet"] == "objectnet-1.0/images"
-    assert all(s.local_layout.startswith(s.folder + "/") for s in data.EVAL_SETS.values())
+    assert all(s.local_layout.startswith(s.folder + "/") for s in eval_sets.EVAL_SETS.values())

@@ -14,10 +14,12 @@ import torch
 
 import conftest
 import data
+import eval_sets
 import evaluate
 import finetune
 import losses
 import models
+import runs
 
 IWILDCAM_NAMES = ("empty", "white-lipped peccary", "ocelot", "jaguar")
 FMOW_USED = ("airport", "barn", "dam", "zoo")         # 4 of the 62 categories
@@ -126,12 +128,12 @@ def test_fmow_splits_and_regions_follow_the_benchmark(wilds_root):
     row i is rgb_img_<i>.png; regions from the country mapping, unknown countries → Other."""
     rows = FMOW_ROWS + FMOW_OOD
     for split in ("train", "id_val", "id_test", "val", "test"):
-        ds = data.load_wilds(wilds_root["fmow"], split)
+        ds = eval_sets.load_wilds(wilds_root["fmow"], split)
         want = [i for i, r in enumerate(rows) if r[3] == split]
         got = [int(Path(p["path"]).stem.split("_")[-1]) for p in
                ds.cast_column("image", datasets.Image(decode=False))["image"]]
         assert got == want, split
-        assert ds["label"] == [data.FMOW_CATEGORIES.index(FMOW_USED[i % 4]) for i in want]
+        assert ds["label"] == [eval_sets.FMOW_CATEGORIES.index(FMOW_USED[i % 4]) for i in want]
         regions = ds.features["region"].names
         assert regions == ["Africa", "Americas", "Asia", "Europe", "Oceania", "Other"]
         assert [regions[g] for g in ds["region"]] == [REGIONS.get(rows[i][2], "Other")
@@ -148,7 +150,7 @@ def test_iwildcam_split_and_class_names(wilds_root):
 
 def predictions(clf, dataset, preprocess):
     """The classifier's predictions on a dataset, computed here without evaluate.py."""
-    loader = torch.utils.data.DataLoader(data.TorchImageDataset(dataset, preprocess, split=False),
+    loader = torch.utils.data.DataLoader(data.TorchImageDataset(dataset, preprocess, uint8=False),
                                          batch_size=64)       # the whole transform, float
     with torch.no_grad():
         return torch.cat([clf(x)[0].argmax(-1) for x, _ in loader])
@@ -185,7 +187,7 @@ def test_iwildcam_finetune_then_evaluate_macro_f1(wilds_root, tiny_clip_dir, tmp
     preprocess = models.transforms_from_config(config)[1]
     for name, split in (("iwildcam-id", "id_test"), ("iwildcam-ood", "test")):
         rec = next(r for r in records if r["kind"] == "ft" and r["dataset"] == name)
-        ds = data.load_wilds(wilds_root["iwildcam"], split)
+        ds = eval_sets.load_wilds(wilds_root["iwildcam"], split)
         pred = predictions(clf.eval(), ds, preprocess).tolist()
         assert rec["n"] == len(ds) and rec["role"] == ("id" if name.endswith("id") else "ood")
         assert rec["macro_f1"] == pytest.approx(naive_macro_f1(pred, ds["label"]), abs=1e-9)
@@ -206,8 +208,8 @@ def test_fmow_zero_shot_worst_region(wilds_root, tiny_clip_dir, tmp_path, capsys
                if r["dataset"] == "fmow-ood")
     assert rec["templates"] == "fmow" and rec["n_classes"] == 62
     clf, _, preprocess, _ = models.zero_shot_classifier(
-        f"local-dir:{tiny_clip_dir}", None, list(data.FMOW_CATEGORIES), models.TEMPLATES["fmow"])
-    ds = data.load_wilds(wilds_root["fmow"], "test")
+        f"local-dir:{tiny_clip_dir}", None, list(eval_sets.FMOW_CATEGORIES), models.TEMPLATES["fmow"])
+    ds = eval_sets.load_wilds(wilds_root["fmow"], "test")
     pred = predictions(clf.eval(), ds, preprocess).tolist()
     names = ds.features["region"].names
     acc = {}
@@ -224,7 +226,7 @@ def test_fmow_zero_shot_worst_region(wilds_root, tiny_clip_dir, tmp_path, capsys
 def shuffled_cifar10(path):
     """A cifar10 stand-in in the hub copy's schema (img, label) whose ClassLabel lists the names
     in another order: the loader must relabel by name."""
-    names = list(reversed(data.CIFAR10_CLASSES))
+    names = list(reversed(eval_sets.CIFAR10_CLASSES))
     rng = np.random.default_rng(2)
     labels = [i % 10 for i in range(20)]
     features = datasets.Features({"img": datasets.Image(),
@@ -232,7 +234,7 @@ def shuffled_cifar10(path):
     datasets.DatasetDict({"test": datasets.Dataset.from_dict(
         {"img": [conftest.shape_image(y % 4, rng) for y in labels], "label": labels},
         features=features)}).save_to_disk(str(path))
-    return [data.CIFAR10_CLASSES.index(names[y]) for y in labels]
+    return [eval_sets.CIFAR10_CLASSES.index(names[y]) for y in labels]
 
 
 def write_dtd_release(path):
@@ -246,37 +248,37 @@ def write_dtd_release(path):
     (path / "labels").mkdir()
     (path / "labels" / "test1.txt").write_text("\n".join(listed) + "\n")
     (path / "labels" / "train1.txt").write_text(f"banded/banded_2.jpg\n")
-    return [data.DTD_CLASSES.index(r.split("/")[0]) for r in listed]
+    return [eval_sets.DTD_CLASSES.index(r.split("/")[0]) for r in listed]
 
 
 def test_transfer_loaders_relabel_by_name(tmp_path):
     want = shuffled_cifar10(tmp_path / "cifar10")
-    ds = data.load_transfer_set("cifar10", str(tmp_path / "cifar10"))
-    assert ds["label"] == want and ds.features["label"].names == list(data.CIFAR10_CLASSES)
+    ds = eval_sets.load_transfer_set("cifar10", str(tmp_path / "cifar10"))
+    assert ds["label"] == want and ds.features["label"].names == list(eval_sets.CIFAR10_CLASSES)
     want = write_dtd_release(tmp_path / "dtd")
-    ds = data.load_transfer_set("dtd", str(tmp_path / "dtd"))
+    ds = eval_sets.load_transfer_set("dtd", str(tmp_path / "dtd"))
     assert ds["label"] == want and len(ds.features["label"].names) == 47
-    assert len(data.load_transfer_set("dtd", str(tmp_path / "dtd"), split="train")) == 1
+    assert len(eval_sets.load_transfer_set("dtd", str(tmp_path / "dtd"), split="train")) == 1
     stl = tmp_path / "stl10"                 # class folders, named as STL-10's classes
     conftest.write_image_folder(str(stl), ["monkey", "airplane", "truck"], per_class=2)
-    ds = data.load_transfer_set("stl10", str(stl))
+    ds = eval_sets.load_transfer_set("stl10", str(stl))
     assert sorted(set(ds["label"])) == [0, 7, 9]
     cifar100 = tmp_path / "cifar100"         # the hub schema: img, fine_label, coarse_label
     features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(
-        names=[c.replace(" ", "_") for c in data.CIFAR100_CLASSES]),
+        names=[c.replace(" ", "_") for c in eval_sets.CIFAR100_CLASSES]),
         "coarse_label": datasets.Value("int64")})
     img = conftest.shape_image(0, np.random.default_rng(0))
     datasets.Dataset.from_dict({"img": [img, img], "fine_label": [1, 99], "coarse_label": [0, 0]},
                                features=features).save_to_disk(str(cifar100))
-    assert data.load_transfer_set("cifar100", str(cifar100))["label"] == [1, 99]
+    assert eval_sets.load_transfer_set("cifar100", str(cifar100))["label"] == [1, 99]
     plain = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
     datasets.Dataset.from_dict({"image": [img, img], "label": [3, 10]}, features=plain) \
         .save_to_disk(str(tmp_path / "ints"))       # bare ints: taken as the documented order
-    with pytest.raises(data.UserError, match=r"outside 0\.\.9"):
-        data.load_transfer_set("cifar10", str(tmp_path / "ints"))
+    with pytest.raises(runs.UserError, match=r"outside 0\.\.9"):
+        eval_sets.load_transfer_set("cifar10", str(tmp_path / "ints"))
     conftest.write_image_folder(str(tmp_path / "odd"), ["airplane", "spaceship"], per_class=1)
-    with pytest.raises(data.UserError, match=r"not among its 10 classes, e.g. \['spaceship'\]"):
-        data.load_transfer_set("cifar10", str(tmp_path / "odd"))
+    with pytest.raises(runs.UserError, match=r"not among its 10 classes, e.g. \['spaceship'\]"):
+        eval_sets.load_transfer_set("cifar10", str(tmp_path / "odd"))
 
 
 def test_transfer_sets_by_name_in_evaluate(tmp_path, tiny_clip_dir, tiny_image_dataset,
@@ -299,10 +301,10 @@ def test_transfer_sets_by_name_in_evaluate(tmp_path, tiny_clip_dir, tiny_image_d
         assert (rec["role"], rec["transfer_templates"], rec["n_classes"]) == \
             ("transfer", templates, n_classes)
     model, _, preprocess, tokenizer = models.load_clip(f"local-dir:{tiny_clip_dir}")
-    W = models.zero_shot_weights(model, tokenizer, list(data.CIFAR10_CLASSES),
+    W = models.zero_shot_weights(model, tokenizer, list(eval_sets.CIFAR10_CLASSES),
                                  models.TEMPLATES["cifar"], "cpu")
-    ds = data.load_transfer_set("cifar10", str(tmp_path / "cifar10"))
-    loader = torch.utils.data.DataLoader(data.TorchImageDataset(ds, preprocess, split=False),
+    ds = eval_sets.load_transfer_set("cifar10", str(tmp_path / "cifar10"))
+    loader = torch.utils.data.DataLoader(data.TorchImageDataset(ds, preprocess, uint8=False),
                                          batch_size=64)       # the whole transform, float
     with torch.no_grad():
         h = torch.cat([model.encode_image(x) for x, _ in loader])

@@ -19,6 +19,7 @@ from PIL import Image
 import conftest
 from conftest import refused
 import data
+import eval_sets
 import evaluate
 import losses
 import models
@@ -182,10 +183,10 @@ def test_zero_shot_against_itself(study):
 def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
     """A run whose head favours ImageNet class 999 (not in ImageNet-R) and, among the 200
     ImageNet-R classes, class IMAGENET_R[0]. On an imagenet-r folder with 3 images of that class
-    and 1 of IMAGENET_R[1] it scores 75% on the 200-class subset (data.score_logits), and 0% when
+    and 1 of IMAGENET_R[1] it scores 75% on the 200-class subset (eval_sets.score_logits), and 0% when
     the same folder is declared a generic set (argmax over all 1000 classes)."""
-    first = data.IMAGENET_R[0]
-    assert 999 not in data.IMAGENET_R
+    first = eval_sets.IMAGENET_R[0]
+    assert 999 not in eval_sets.IMAGENET_R
 
     # The run's 1000-class head: random directions (no need to embed 1000 class names here),
     # then the biases above, which dominate any cosine logit.
@@ -201,7 +202,7 @@ def test_declared_shift_is_scored_by_score_logits(tiny_clip_dir, tmp_path):
     models.save_classifier(run, clf, config)
     root = tmp_path / "imagenet-r"
     for k, count in ((0, 3), (1, 1)):
-        folder = root / data.imagenet_wnids()[data.IMAGENET_R[k]]
+        folder = root / eval_sets.imagenet_wnids()[eval_sets.IMAGENET_R[k]]
         folder.mkdir(parents=True)
         for i in range(count):
             Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(folder / f"{i}.png")

@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import data
+import eval_sets
 
 
 def every_value_images(n=6, seed=0):
@@ -89,28 +90,34 @@ def test_loaders_give_the_whole_transforms_tensors(tmp_path):
                                         "label": datasets.ClassLabel(num_classes=3)}))
     ev = image_transform_v2(PreprocessCfg(size=64), is_train=False)
     tr = image_transform_v2(PreprocessCfg(size=64), is_train=True)
-    whole = data.TorchImageDataset(ds, ev, split=False)
+    whole = data.TorchImageDataset(ds, ev, uint8=False)
     expect = torch.stack([whole[i][0] for i in range(len(ds))])
     for workers in (0, 2):
         loader = data.make_loader(ds, ev, 4, workers=workers)
         batches = list(loader)
         assert batches[0][0].dtype == torch.uint8
-        got = torch.cat([data.to_model(x, "cpu", data.normaliser(loader)) for x, _ in batches])
+        got = torch.cat([x for x, _ in data.on_device(loader, "cpu")])   # model-ready
         assert torch.equal(bits(got), bits(expect))
-        # extract_outputs normalises on its own; a list of kept uint8 batches with `normalise`
+        # extract_outputs normalises on its own, over a loader or a SetBatches, whose first
+        # pass keeps the uint8 batches and whose second reuses them
         (out,), _ = data.extract_outputs(lambda x: x, loader, "cpu")
-        (kept,), _ = data.extract_outputs(lambda x: x, batches, "cpu",
-                                          normalise=data.normaliser(loader))
-        assert torch.equal(bits(out), bits(expect)) and torch.equal(bits(kept), bits(expect))
-    # the training loader: each crop drawn from its (seed, epoch, image) seed, as before
+        assert torch.equal(bits(out), bits(expect))
+        kept = data.SetBatches(ds, ev, 4, workers=workers)
+        for _ in range(2):
+            (again,), _ = data.extract_outputs(lambda x: x, kept, "cpu")
+            assert torch.equal(bits(again), bits(expect))
+        assert kept.kept[0][0].dtype == torch.uint8 and kept.loader is None
+    # the training loader: each crop drawn from its (seed, epoch, image) seed, as before, and
+    # model-ready through on_device (indices stay as they are)
     _, seeds = data.epoch_order(0, 0, len(ds))
-    plain = data.TorchImageDataset(ds, tr, split=False)
+    plain = data.TorchImageDataset(ds, tr, uint8=False)
     images = data.SeededImages(ds, tr)
-    for x, y, idx in data.epoch_loader(images, 3, 0, 0, 0, 2, workers=2):
+    for x, y, idx in data.on_device(data.epoch_loader(images, 3, 0, 0, 0, 2, workers=2), "cpu"):
+        assert x.dtype == torch.float32
         for j, i in enumerate(idx.tolist()):
             with data.seeded(int(seeds[i])):
                 ref = plain[i][0]
-            assert torch.equal(bits(images.normalise(x[j:j + 1])[0]), bits(ref))
+            assert torch.equal(bits(x[j]), bits(ref))
 
 
 def test_kept_images_are_uint8_and_a_quarter_the_bytes(tiny_image_dataset):
@@ -142,7 +149,7 @@ def test_another_transform_runs_whole_in_the_workers(transform, tiny_image_datas
 
 def test_objectnet_border_crop_keeps_the_split():
     ev = image_transform_v2(PreprocessCfg(size=64), is_train=False)
-    tf = data.eval_transform("objectnet", ev)
+    tf = eval_sets.eval_transform("objectnet", ev)
     worker, normalise = data.split_transform(tf)
     assert isinstance(normalise, data.Normalise)
     im = every_value_images(1)[0]

@@ -364,7 +364,9 @@ def check_finite(terms, what):
 
 
 def lr_at(step, args, total_steps):
-    """Linear warm-up for --warmup-steps, then cosine to 0 at the last step (§3, WiSE-FT).
+    """Linear warm-up for --warmup-steps (lr·(s+1)/warm-up), then a cosine that reaches 0 at
+    step = total_steps, just after the last step (§3, WiSE-FT's convention: the last step run,
+    total − 1, gets a small non-zero lr).
 
     A pure function of the step: the step in the checkpoint is the whole schedule state."""
     if step < args.warmup_steps:

@@ -45,11 +45,11 @@ MUTANTS = [
      [("(step + 1) / max(1, warmup)", "step / max(1, warmup)")],
      "train_sae.lr_at's warm-up is off by one (lr 0 at the first step)"),
     ("ft-clip-after-step", "finetune.py",
-     [("    grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()\n"
+     [("    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).item()\n"
        "    check_finite({\"grad-norm\": grad_norm}, \"gradient\")\n"
        "    opt.step()\n",
        "    opt.step()\n"
-       "    grad_norm = torch.nn.utils.clip_grad_norm_(clf.parameters(), args.clip_grad).item()\n"
+       "    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad).item()\n"
        "    check_finite({\"grad-norm\": grad_norm}, \"gradient\")\n")],
      "finetune_step clips the gradient after the optimiser step instead of before"),
     ("ft-cosine-to-half", "finetune.py",
@@ -60,14 +60,14 @@ MUTANTS = [
      [("since_fired + len(batch)", "since_fired + 1")],
      "the dead-latent counter counts steps instead of samples"),
     ("sae-auxk-weight-dropped", "train_sae.py",
-     [("loss = fvu + aux_coef * auxk", "loss = fvu + auxk")],
+     [("SAELoss(fvu + aux_coef * auxk, fvu, auxk, out.z)", "SAELoss(fvu + auxk, fvu, auxk, out.z)")],
      "the AuxK weight α_aux is not applied"),
     # ---- more of our own, in the same steps and schedules
     ("sae-dead-window-strict", "train_sae.py",
      [("dead = since_fired >= dead_samples", "dead = since_fired > dead_samples")],
      "a latent counts as dead one sample late (> instead of ≥ the window)"),
     ("sae-fired-needs-every-sample", "train_sae.py",
-     [("fired = (out.z > 0).any(0)", "fired = (out.z > 0).all(0)")],
+     [("fired = (z > 0).any(0)", "fired = (z > 0).all(0)")],
      "a latent's counter is reset only when it fired on every sample of the batch"),
     ("sae-no-renormalise", "train_sae.py",
      [("    sae.normalise_atoms()", "    pass")],
@@ -100,20 +100,20 @@ MUTANTS = [
      [("max(1, total_steps - args.warmup_steps)", "max(1, total_steps)")],
      "finetune.lr_at's cosine spans the whole run, warm-up included (does not reach 0)"),
     ("ft-accum-not-divided", "finetune.py",
-     [("(loss / args.accum_steps).backward()", "loss.backward()")],
+     [("backward(model, out.loss / args.accum_steps)", "backward(model, out.loss)")],
      "the micro-batch loss is not divided by --accum-steps (gradient summed, not averaged)"),
     ("ft-logged-terms-summed", "finetune.py",
      [("v.detach().float() / args.accum_steps", "v.detach().float()")],
      "the logged loss terms are summed over the micro-batches, not averaged"),
     ("ft-reg-dropped", "finetune.py",
-     [("loss = ce + terms[\"reg\"]", "loss = ce")],
+     [("BatchLoss(ce + terms[\"reg\"]", "BatchLoss(ce")],
      "the regulariser λ·R is logged but not added to the loss"),
     ("ft-label-smoothing-ignored", "finetune.py",
-     [("label_smoothing=args.label_smoothing)", "label_smoothing=0.0)")],
+     [("losses.cross_entropy(logits, y, args.label_smoothing)", "losses.cross_entropy(logits, y)")],
      "--label-smoothing is not passed to the cross-entropy"),
     ("ft-clip-threshold-ignored", "finetune.py",
-     [("clip_grad_norm_(clf.parameters(), args.clip_grad)",
-       "clip_grad_norm_(clf.parameters(), 1.0)")],
+     [("clip_grad_norm_(model.parameters(), args.clip_grad)",
+       "clip_grad_norm_(model.parameters(), 1.0)")],
      "finetune_step clips at 1.0 whatever --clip-grad says"),
 ]
 

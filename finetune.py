@@ -30,7 +30,9 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
         --train-data ILSVRC/imagenet-1k --sae runs/vitb16/sae --reg sae-preserve \
         --batch-size 128 --accum-steps 4 --grad-checkpointing --workers 16 \
         --out runs/vitb16/sae_preserve
-  Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
+  Same with `--reg none` (standard fine-tuning), `--reg l2` or `--reg ldifs` for the
+  baselines, or `--reg pca --basis runs/vitb16/pca` for the linear control of the SAE terms (the
+  basis from `train_sae.py … --basis pca --match-fvu runs/vitb16/sae --out runs/vitb16/pca`); ViT-B/32:
   `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
   exactly where it stopped with the same command plus `--resume`. An image that cannot be
   decoded stops the run with one line naming it, its last whole step saved: add `--resume
@@ -128,9 +130,14 @@ def parse_args(argv=None):
                              "losses.AUTHORS_WEIGHTS with --sae-space raw")
     g.add_argument("--reg", choices=losses.REGULARISERS, default="sae-preserve",
                    help="R: none (standard FT), l2 / l1 (embedding drift), sae-sparse, "
-                   "sae-preserve (the main method), sae-preserve-remove")
+                   "sae-preserve (the main method), sae-preserve-remove; controls: pca (μ·L_res "
+                   "+ λ_l1·L_sparse through a PCA basis of matched FVU instead of the SAE; "
+                   "needs --basis), ldifs (distance of normalised features at every block of "
+                   "the tower; not with --cache-zero-shot)")
     g.add_argument("--sae", default=None, help="folder of the frozen zero-shot SAE "
                    "(train_sae.py --out); needed by sae-*, optional otherwise (enables the probe)")
+    g.add_argument("--basis", default=None, help="folder of the frozen PCA basis "
+                   "(train_sae.py --basis pca --out); needed by --reg pca")
     g.add_argument("--sae-space", choices=losses.SPACES, default="unit", help="unit: the SAE "
                    "and R see unit-normalised embeddings (this project's method); raw: the "
                    "authors' objective, SAE encode and R on the raw embeddings, weights on their "
@@ -148,9 +155,11 @@ def parse_args(argv=None):
     g.add_argument("--lam-remove", type=float, default=None, help=f"λ_remove, weight of feature "
                    f"removal L_remove (sae-preserve-remove; default: {W['lam_remove']:g} unit / "
                    f"{A['lam_remove']:g} raw; unit ≈ raw / ||h||)")
-    g.add_argument("--cache-zero-shot", action="store_true", help="compute h0 = f0(image) for "
-                   "the whole train split once (cached in --cache-dir) instead of a frozen forward "
-                   "per step; valid only with --no-augment (h0 must be of the same image)")
+    g.add_argument("--cache-zero-shot", action=argparse.BooleanOptionalAction, default=False,
+                   help="compute h0 = f0(image) for the whole train split once (cached in "
+                   "--cache-dir) instead of a frozen forward per step; valid only with "
+                   "--no-augment (h0 must be of the same image), not with --reg ldifs (it needs "
+                   "every block of f0); a later --no-cache-zero-shot turns it off")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where --cache-zero-shot "
                    "keeps the zero-shot embeddings")
     g = p.add_argument_group("optimisation (§3, the WiSE-FT recipe)")
@@ -225,9 +234,16 @@ def check_args(args):
     if args.reg.startswith("sae") and not args.sae:
         raise UserError(f"--reg {args.reg} needs the frozen zero-shot SAE: pass --sae DIR "
                         "(the --out of train_sae.py)")
+    if args.reg == "pca" and not args.basis:
+        raise UserError("--reg pca needs the frozen PCA basis: pass --basis DIR (the --out of "
+                        "train_sae.py --basis pca)")
     if args.cache_zero_shot and args.augment:
         raise UserError("--cache-zero-shot needs --no-augment: with random crops the frozen "
                         "model must see each step's own crop, which a cache cannot hold")
+    if args.cache_zero_shot and args.reg == "ldifs":
+        raise UserError("--reg ldifs compares every block of the frozen tower, which the "
+                        "--cache-zero-shot table (final embeddings only) does not hold: drop "
+                        "--cache-zero-shot, or add --no-cache-zero-shot after it")
 
 
 # ============================================================================================
@@ -251,11 +267,13 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     workers stop at uint8).
 
     L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
-    then one AdamW step. Nothing is updated when a loss term or the gradient norm is inf/NaN,
+    then one AdamW step (`sae` is the PCA basis with --reg pca; with --reg ldifs R reads both
+    towers' block features instead of h, h0). Nothing is updated when a loss term or the gradient norm is inf/NaN,
     and the run stops before anything is saved when the update made a weight inf/NaN
     (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends — bench.py times the
     phases through it."""
     mark = mark or (lambda phase: None)
+    blocks = args.reg == "ldifs"          # LDIFS: every block's features of fθ and f0, not only h
     device = next(clf.parameters()).device
     ddp = isinstance(clf, DDP)                               # torchrun: clf is wrapped in DDP
     visual = (clf.module if ddp else clf).visual
@@ -269,15 +287,16 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
         with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # any device
-                logits, h = clf(x)                                        # (B, C), (B, d)
+                logits, h, *feats = clf(x, blocks=blocks)                 # (B, C), (B, d)
                 mark("forward")
-                h0 = zero_shot_target(f0, x, idx, h, h0_cache)            # (B, d), no grad
+                h0, *feats0 = zero_shot_target(f0, x, idx, h, h0_cache, blocks)  # (B, d), no grad
                 mark("zero_shot_target")
             ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
                                        lam_l1=args.lam_l1, lam_mask=args.lam_mask,
-                                       lam_remove=args.lam_remove,
-                                       space=args.sae_space)              # λ·R in "reg"
+                                       lam_remove=args.lam_remove, space=args.sae_space,
+                                       feats=feats[0] if blocks else None,
+                                       feats0=feats0[0] if blocks else None)  # λ·R in "reg"
             loss = ce + terms["reg"]                                      # L = CE + λ·R (§5)
             mark("loss")
             with models.batchnorm_stats_kept(visual):  # checkpointing re-runs BN forward
@@ -303,16 +322,17 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
     return StepResult(terms, 100 * correct.item() / seen, grad_norm, seen)
 
 
-def zero_shot_target(f0, x, idx, h, h0_cache):
-    """h0 (B, d): the frozen zero-shot embedding of the same (augmented) images — read from the
-    --cache-zero-shot table, or a frozen forward f0(x); with no f0 (--reg none, R = 0 whatever
-    h0 is) the step skips the frozen forward and returns h itself."""
+def zero_shot_target(f0, x, idx, h, h0_cache, blocks=False):
+    """(h0,) with h0 (B, d) the frozen zero-shot embedding of the same (augmented) images — read
+    from the --cache-zero-shot table, or a frozen forward f0(x); with no f0 (--reg none, R = 0
+    whatever h0 is) the step skips the frozen forward and returns h itself. blocks=True (--reg
+    ldifs): (h0, f0's block features), from one frozen forward (models.tower_features)."""
     if h0_cache is not None:
-        return h0_cache[idx].to(h.device)
+        return (h0_cache[idx].to(h.device),)
     if f0 is None:
-        return h.detach()
+        return (h.detach(),)
     with torch.no_grad():
-        return f0(x)
+        return models.tower_features(f0, x) if blocks else (f0(x),)
 
 
 class NonFiniteLoss(UserError):
@@ -405,6 +425,8 @@ def train(args):
     # ---- frozen SAE (stage 1), loaded first: a wrong --sae fails before anything slow
     sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
                                  args.force_quick_gelu)[0] if args.sae else None
+    basis = models.load_frozen_basis(args.basis, args.device, args.model, args.pretrained,
+                                     args.force_quick_gelu)[0] if args.reg == "pca" else None
 
     # ---- data: train split, class names, templates
     dataset = data.load_image_dataset(args.train_data, args.split, args.image_column,
@@ -424,9 +446,10 @@ def train(args):
     clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
         args.model, args.pretrained, classnames, templates, args.device,
         force_quick_gelu=args.force_quick_gelu or None)
-    if sae is not None and sae.d != config["embed_dim"]:
-        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
-                        f"{config['embed_dim']}: {args.sae} was trained on another model")
+    for what, frozen, path in (("SAE", sae, args.sae), ("PCA basis", basis, args.basis)):
+        if frozen is not None and frozen.d != config["embed_dim"]:
+            raise UserError(f"{what} width d={frozen.d} ≠ the model's embedding width "
+                            f"{config['embed_dim']}: {path} was fitted on another model")
     f0 = models.frozen_copy(clf.visual)          # θ0, never updated (BatchNorm: running stats)
     clf.train()                                  # fθ: BatchNorm normalises by batch statistics
     if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing \
@@ -486,8 +509,8 @@ def train(args):
             raise UserError(runs.one_line(e) + stopped_at_bad_image(
                 out, saved, step, clf, opt, epoch, pos, skipped, args, world)) from None
         try:
-            result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache,
-                                   normalise=images.normalise)
+            result = finetune_step(model, f0, sae if basis is None else basis, opt,
+                                   micro_batches, args, h0_cache, normalise=images.normalise)
         except NonFiniteLoss as e:
             raise NonFiniteLoss(e.what, e.term, step + 1) from None
         skipped += effective - result.images
@@ -528,7 +551,7 @@ def train(args):
                       regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
                                    "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
                                    "lam_remove": args.lam_remove, "sae": args.sae,
-                                   "sae_space": args.sae_space})
+                                   "basis": args.basis, "sae_space": args.sae_space})
         models.save_classifier(out, clf, config)
         summary = write_summary(out, step, total_steps, args, skipped)
     runs.dist_teardown()  # torchrun: the others wait for rank 0's files, then all leave

@@ -165,8 +165,9 @@ def load_frozen_sae(path, device="cpu", model=None, pretrained=None, force_quick
         sae, config = TopKSAE.load(path, device)
     except FileNotFoundError as e:
         if (Path(path) / PCA_CONFIG).is_file():
-            raise UserError(f"{path} holds a PCA basis, not an SAE: pass it to --basis (with "
-                            "--reg pca), and an SAE folder to --sae") from None
+            raise UserError(f"{path} holds a PCA basis, not an SAE: pass an SAE's folder "
+                            "(train_sae.py without --basis pca); a PCA basis goes to finetune.py "
+                            "--basis") from None
         raise UserError(str(e)) from None
     _check_fitted_on(config, path, "SAE", "train one for this model with train_sae.py", model,
                      pretrained, force_quick_gelu)
@@ -359,7 +360,8 @@ def tower_features(visual, images):
     output and which runs the blocks under gradient checkpointing as the forward does:
       ViT: the residual stream after every transformer block, all tokens (class token first);
       ModifiedResNet: the output of each of its 4 stages (layer1-4; spatial positions as T);
-      TimmModel: timm's intermediates of its trunk (the stages of a CNN), spatial positions.
+      TimmModel: the points timm's own forward_intermediates gives for its trunk (the stages
+      of a CNN; a timm ResNet's stem too), spatial positions as T.
     Every block rather than the authors' five points of ViT-B: a rule that needs no choice per
     depth (the toy tower has 3 blocks), and no layer where fine-tuning may drift unwatched."""
     name = type(visual).__name__

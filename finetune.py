@@ -31,10 +31,10 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
         --batch-size 128 --accum-steps 4 --grad-checkpointing --workers 16 \
         --out runs/vitb16/sae_preserve
   Same with `--reg none` (standard fine-tuning), `--reg l2` or `--reg ldifs` for the
-  baselines, or `--reg pca --basis runs/vitb16/pca` for the linear control of the SAE terms (the
-  basis from `train_sae.py … --basis pca --match-fvu runs/vitb16/sae --out runs/vitb16/pca`); ViT-B/32:
-  `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
-  exactly where it stopped with the same command plus `--resume`. An image that cannot be
+  baselines, or `--reg pca --basis runs/vitb16/pca` for the linear control of the SAE terms
+  (the basis from `train_sae.py … --basis pca --match-fvu runs/vitb16/sae --out
+  runs/vitb16/pca`); ViT-B/32: `--model ViT-B-32-quickgelu` with an SAE trained on it. An
+  interrupted run continues exactly where it stopped with the same command plus `--resume`. An image that cannot be
   decoded stops the run with one line naming it, its last whole step saved: add `--resume
   --skip-bad-images` to go on without it (or start with `--skip-bad-images`).
   The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
@@ -268,10 +268,10 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
 
     L = CE(logits, y) + λ·R(h, h0; SAE), gradients accumulated over the micro-batches, clipped,
     then one AdamW step (`sae` is the PCA basis with --reg pca; with --reg ldifs R reads both
-    towers' block features instead of h, h0). Nothing is updated when a loss term or the gradient norm is inf/NaN,
-    and the run stops before anything is saved when the update made a weight inf/NaN
-    (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends — bench.py times the
-    phases through it."""
+    towers' block features instead of h, h0). Nothing is updated when a loss term or the
+    gradient norm is inf/NaN, and the run stops before anything is saved when the update made a
+    weight inf/NaN (NonFiniteLoss). `mark(phase)`, if given, is called as each phase ends —
+    bench.py times the phases through it."""
     mark = mark or (lambda phase: None)
     blocks = args.reg == "ldifs"          # LDIFS: every block's features of fθ and f0, not only h
     device = next(clf.parameters()).device
@@ -287,9 +287,10 @@ def finetune_step(clf, f0, sae, opt, micro_batches, args, h0_cache=None, mark=No
         # torchrun: DDP averages the gradients over the ranks after the last micro-batch only
         with clf.no_sync() if ddp and i < args.accum_steps - 1 else contextlib.nullcontext():
             with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):  # any device
-                logits, h, *feats = clf(x, blocks=blocks)                 # (B, C), (B, d)
+                # (B, C), (B, d); feats, feats0: [the towers' block features] if blocks, else []
+                logits, h, *feats = clf(x, blocks=blocks)
                 mark("forward")
-                h0, *feats0 = zero_shot_target(f0, x, idx, h, h0_cache, blocks)  # (B, d), no grad
+                h0, *feats0 = zero_shot_target(f0, x, idx, h, h0_cache, blocks)  # no grad
                 mark("zero_shot_target")
             ce = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
             terms = losses.regulariser(args.reg, h, h0, sae, lam=args.lam, mu=args.mu,
@@ -551,7 +552,8 @@ def train(args):
                       regulariser={"reg": args.reg, "lam": args.lam, "mu": args.mu,
                                    "lam_mask": args.lam_mask, "lam_l1": args.lam_l1,
                                    "lam_remove": args.lam_remove, "sae": args.sae,
-                                   "basis": args.basis, "sae_space": args.sae_space})
+                                   "basis": args.basis if basis is not None else None,
+                                   "sae_space": args.sae_space})
         models.save_classifier(out, clf, config)
         summary = write_summary(out, step, total_steps, args, skipped)
     runs.dist_teardown()  # torchrun: the others wait for rank 0's files, then all leave

@@ -298,7 +298,8 @@ def uses(reg, weight):
     """Whether regulariser `reg` reads `weight` (so that only real variants get a name)."""
     return {"mu": reg.startswith("sae") or reg == "pca",
             "lam_mask": reg in ("sae-preserve", "sae-preserve-remove"),
-            "lam_l1": reg in ("sae-sparse", "pca"), "lam_remove": reg == "sae-preserve-remove"}[weight]
+            "lam_l1": reg in ("sae-sparse", "pca"),
+            "lam_remove": reg == "sae-preserve-remove"}[weight]
 
 
 def seed_of(record):

@@ -238,8 +238,10 @@ def test_control_runs_evaluate_and_report(trained, fitted, tmp_path):
                     "--data", fitted["data"], "--split", "test", "--max-samples", "16",
                     "--min-images", "1", "--top", "2", "--images", "2", "--texts", "2",
                     "--workers", "0", "--batch-size", "16", "--device", "cpu",
-                    "--out", str(tmp_path / "report")])
+                    "--out", str(tmp_path / "report"),
+                    "--results", str(tmp_path / "interpret.jsonl")])
     assert "\n## Summary\n" in (tmp_path / "report" / "report.md").read_text()
+    assert json.loads((tmp_path / "interpret.jsonl").read_text())["kind"] == "interpret"
 
 
 # ------------------------------------------------------------------ refusals

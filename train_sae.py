@@ -83,8 +83,8 @@ def parse_args(argv=None):
                    "optimisation flags are then unused), with --match-fvu or --components")
     g.add_argument("--match-fvu", default=None, metavar="SAE_DIR", help="pca: the smallest m "
                    "whose held-out FVU is at most this SAE's on the same held-out split")
-    g.add_argument("--components", type=int, default=None, help="pca: a fixed number of "
-                   "components m (1..d) instead of --match-fvu")
+    g.add_argument("--components", type=int, default=None, metavar="M", help="pca: a fixed "
+                   "number of components m (1..d) instead of --match-fvu")
     g = p.add_argument_group("run")
     g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")

@@ -4,7 +4,9 @@ The paper's claim is that SAE-FT is cheap: no text tower, a frozen SAE that cost
 nothing at inference. This measures it, in ONE run on the same model and the same batch:
 
   1. fine-tuning step time (median over repeated steps after warm-up) for every regulariser
-     (--reg none / l2 / l1 / sae-sparse / sae-preserve / sae-preserve-remove) and for
+     (--reg none / l2 / l1 / sae-sparse / sae-preserve / sae-preserve-remove, and the controls
+     pca — a PCA basis of m = d/4 components in the SAE's place — and ldifs, which compares
+     every block of the two towers) and for
      sae-preserve with cached zero-shot targets (no frozen forward; finetune.py
      --cache-zero-shot), as ratios to `none` and sae-preserve / l2. The variants run
      interleaved (one step of each per round), so a load change on a shared machine hits all
@@ -71,7 +73,7 @@ import models  # noqa: E402
 import runs  # noqa: E402
 from runs import UserError  # noqa: E402
 import finetune  # noqa: E402  (the real fine-tuning step)
-from sae import TopKSAE  # noqa: E402
+from sae import PCABasis, TopKSAE  # noqa: E402
 import train_sae  # noqa: E402  (the real SAE training step)
 
 # Vision towers built from open_clip configs with random weights. `small` is the CPU default: big
@@ -169,6 +171,9 @@ def resolve_defaults(args):
     if unknown:
         raise UserError(f"unknown regulariser(s) {unknown}; choose from "
                          f"{', '.join(losses.REGULARISERS)}")
+    if args.cached_reg == "ldifs":
+        raise UserError("--cached-reg ldifs: LDIFS needs every block of the frozen tower, which "
+                        "cached zero-shot targets do not hold (finetune.py refuses it too)")
     configs = ("fp32", "fp32+ckpt", "bf16", "bf16+ckpt")
     bad = [c for c in args.mem_configs.split(",") if c not in configs]
     if bad:
@@ -281,6 +286,14 @@ def build(name, num_classes, device, seed, expansion, k, grad_checkpointing=Fals
     return clf, f0, sae.eval(), opt
 
 
+def pca_basis(d, device, seed):
+    """A frozen PCABasis of m = d/4 random orthonormal directions (--reg pca; its cost does not
+    depend on the directions, and d/4 is about what matched the toy SAE's FVU: 15 of 64)."""
+    g = torch.Generator().manual_seed(seed)
+    P, _ = torch.linalg.qr(torch.randn(d, max(1, d // 4), generator=g))
+    return PCABasis(P, torch.zeros(d)).to(device).requires_grad_(False)
+
+
 def make_batch(name, batch_size, num_classes, device, seed):
     """(images (B, 3, S, S), labels (B,)) — one fixed batch every variant sees."""
     g = torch.Generator().manual_seed(seed)
@@ -304,7 +317,8 @@ def train_step(ctx, x, y, reg, mode):
     """One finetune.finetune_step. mode: "frozen" (h0 = f0(x) every step, finetune.py's default),
     "cached" (h0 read from a precomputed CPU table, finetune.py --cache-zero-shot) or "skip"
     (no frozen forward: finetune.py's --reg none)."""
-    finetune.finetune_step(ctx.clf, ctx.f0 if mode == "frozen" else None, ctx.sae, ctx.opt,
+    finetune.finetune_step(ctx.clf, ctx.f0 if mode == "frozen" else None,
+                           ctx.basis if reg == "pca" else ctx.sae, ctx.opt,
                            [(x, y, ctx.idx)], step_settings(reg, ctx.amp),
                            h0_cache=ctx.h0_cache if mode == "cached" else None)
 
@@ -321,7 +335,7 @@ def variants(args):
     `none+frozen` adds the frozen forward and nothing else — the floor of every regulariser
     that needs h0, measured as a step, so e.g. sae-preserve / none+frozen is the SAE's own cost."""
     out = {"none": ("none", "skip"), "none+frozen": ("none", "frozen")}
-    out.update({r: (r, "frozen") for r in args.regs})
+    out.update({r: (r, "frozen") for r in args.regs})   # ldifs: its frozen forward gives blocks
     if args.cached_reg:
         out[f"{args.cached_reg}+cache"] = (args.cached_reg, "cached")
     return out
@@ -403,14 +417,23 @@ def encode_both(sae, h, h0):
     return z, z0
 
 
-def regulariser_alone(ctx, h, h0, args):
+def regulariser_alone(ctx, h, h0, args, x=None):
     """ms of losses.regulariser forward + backward from a leaf h (B, d): the regulariser's own
-    cost, free of the model's noise. sae-preserve − l2 here is what the SAE adds to a step."""
-    out = {}
+    cost, free of the model's noise. sae-preserve − l2 here is what the SAE adds to a step.
+    ldifs: from leaves of the trained tower's block features of the batch x (the frozen tower's
+    as constants)."""
+    out, feats, feats0 = {}, None, None
+    if "ldifs" in args.regs:
+        with torch.no_grad(), torch.autocast(ctx.device.type, torch.bfloat16, enabled=ctx.amp):
+            feats = models.tower_features(ctx.clf.visual, x)[1]
+            feats0 = models.tower_features(ctx.f0, x)[1]
     for reg in ["none", *args.regs]:
         def step():
             leaf = h.detach().float().requires_grad_()
-            r = losses.regulariser(reg, leaf, h0, ctx.sae, **REG_WEIGHTS)["reg"]
+            blocks = [f.detach().requires_grad_() for f in feats] if reg == "ldifs" else None
+            r = losses.regulariser(reg, leaf, h0, ctx.basis if reg == "pca" else ctx.sae,
+                                   feats=blocks, feats0=feats0 if blocks else None,
+                                   **REG_WEIGHTS)["reg"]
             if r.requires_grad:  # none: a constant 0, nothing to differentiate
                 r.backward()
         out[reg] = 1e3 * median_time(step, ctx.device, max(5, 3 * args.steps), warmup=2)
@@ -761,7 +784,7 @@ def bench(argv):
     x, y = make_batch(args.model, args.batch_size, args.num_classes, device, args.seed)
     idx = torch.arange(args.batch_size)
     ctx = SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=device, amp=amp,
-                          h0_cache=None, idx=idx)
+                          h0_cache=None, idx=idx, basis=pca_basis(sae.d, device, args.seed))
     ctx.h0_cache = embed_pair(ctx, x)[1].cpu()
     print(f"bench: {args.model} batch {args.batch_size} on {device} "
           f"({torch.get_num_threads()} threads), {len(variants(args))} variants × "
@@ -771,7 +794,7 @@ def bench(argv):
     res["ratios_min"] = ratios(res["step_ms"], args.cached_reg, "min")
     res["breakdown_ms"] = breakdown(ctx, x, y, args)
     h, h0 = embed_pair(ctx, x)
-    res["regulariser_alone_ms"] = regulariser_alone(ctx, h, h0, args)
+    res["regulariser_alone_ms"] = regulariser_alone(ctx, h, h0, args, x)
     res["floor"] = floor(res["breakdown_ms"], res["regulariser_alone_ms"],
                          res["ratios"].get("sae-preserve/none"))
     if args.profile:

@@ -33,9 +33,11 @@ command; ImageNet class names and the 80 OpenAI templates are picked automatical
         --train-data ILSVRC/imagenet-1k --sae runs/vitb16/sae --reg sae-preserve \
         --batch-size 128 --accum-steps 4 --grad-checkpointing --workers 16 \
         --out runs/vitb16/sae_preserve
-  Same with `--reg none` (standard fine-tuning) or `--reg l2` for the baselines; ViT-B/32:
-  `--model ViT-B-32-quickgelu` with an SAE trained on it. An interrupted run continues
-  exactly where it stopped with the same command plus `--resume`. An image that cannot be
+  Same with `--reg none` (standard fine-tuning), `--reg l2` or `--reg ldifs` for the
+  baselines, or `--reg pca --basis runs/vitb16/pca` for the linear control of the SAE terms
+  (the basis from `train_sae.py … --basis pca --match-fvu runs/vitb16/sae --out
+  runs/vitb16/pca`); ViT-B/32: `--model ViT-B-32-quickgelu` with an SAE trained on it. An
+  interrupted run continues exactly where it stopped with the same command plus `--resume`. An image that cannot be
   decoded stops the run with one line naming it, its last whole step saved: add `--resume
   --skip-bad-images` to go on without it (or start with `--skip-bad-images`).
   The authors' exact objective (SAE and R on the raw embeddings, their λ = 70, μ = 1,
@@ -126,9 +128,14 @@ def parse_args(argv=None):
                              "losses.AUTHORS_WEIGHTS with --sae-space raw")
     g.add_argument("--reg", choices=losses.REGULARISERS, default="sae-preserve",
                    help="R: none (standard FT), l2 / l1 (embedding drift), sae-sparse, "
-                   "sae-preserve (the main method), sae-preserve-remove")
+                   "sae-preserve (the main method), sae-preserve-remove; controls: pca (μ·L_res "
+                   "+ λ_l1·L_sparse through a PCA basis of matched FVU instead of the SAE; "
+                   "needs --basis), ldifs (distance of normalised features at every block of "
+                   "the tower; not with --cache-zero-shot)")
     g.add_argument("--sae", default=None, help="folder of the frozen zero-shot SAE "
                    "(train_sae.py --out); needed by sae-*, optional otherwise (enables the probe)")
+    g.add_argument("--basis", default=None, help="folder of the frozen PCA basis "
+                   "(train_sae.py --basis pca --out); needed by --reg pca")
     g.add_argument("--sae-space", choices=losses.SPACES, default="unit", help="unit: the SAE "
                    "and R see unit-normalised embeddings (this project's method); raw: the "
                    "authors' objective, SAE encode and R on the raw embeddings, weights on their "
@@ -146,9 +153,11 @@ def parse_args(argv=None):
     g.add_argument("--lam-remove", type=float, default=None, help=f"λ_remove, weight of feature "
                    f"removal L_remove (sae-preserve-remove; default: {W['lam_remove']:g} unit / "
                    f"{A['lam_remove']:g} raw; unit ≈ raw / ||h||)")
-    g.add_argument("--cache-zero-shot", action="store_true", help="compute h0 = f0(image) for "
-                   "the whole train split once (cached in --cache-dir) instead of a frozen forward "
-                   "per step; valid only with --no-augment (h0 must be of the same image)")
+    g.add_argument("--cache-zero-shot", action=argparse.BooleanOptionalAction, default=False,
+                   help="compute h0 = f0(image) for the whole train split once (cached in "
+                   "--cache-dir) instead of a frozen forward per step; valid only with "
+                   "--no-augment (h0 must be of the same image), not with --reg ldifs (it needs "
+                   "every block of f0); a later --no-cache-zero-shot turns it off")
     g.add_argument("--cache-dir", default="cache/embeddings", help="where --cache-zero-shot "
                    "keeps the zero-shot embeddings")
     g = p.add_argument_group("optimisation (§3, the WiSE-FT recipe)")
@@ -221,9 +230,16 @@ def check_args(args):
     if args.reg.startswith("sae") and not args.sae:
         raise UserError(f"--reg {args.reg} needs the frozen zero-shot SAE: pass --sae DIR "
                         "(the --out of train_sae.py)")
+    if args.reg == "pca" and not args.basis:
+        raise UserError("--reg pca needs the frozen PCA basis: pass --basis DIR (the --out of "
+                        "train_sae.py --basis pca)")
     if args.cache_zero_shot and args.augment:
         raise UserError("--cache-zero-shot needs --no-augment: with random crops the frozen "
                         "model must see each step's own crop, which a cache cannot hold")
+    if args.cache_zero_shot and args.reg == "ldifs":
+        raise UserError("--reg ldifs compares every block of the frozen tower, which the "
+                        "--cache-zero-shot table (final embeddings only) does not hold: drop "
+                        "--cache-zero-shot, or add --no-cache-zero-shot after it")
 
 
 # ============================================================================================
@@ -234,19 +250,22 @@ class Frozen(NamedTuple):
     """The zero-shot side of the loss, never trained: θ0's image tower f0 (or the embeddings
     --cache-zero-shot computed with it once) and the SAE of its embeddings (stage 1)."""
     f0: torch.nn.Module | None          # None: the targets are cached, or not needed (R = 0)
-    sae: torch.nn.Module | None         # None: a regulariser without the SAE (none, l2, l1)
+    sae: torch.nn.Module | None         # None: a regulariser without the SAE (none, l2, l1,
+                                        # ldifs); the PCA basis in its place with --reg pca
     h0_cache: torch.Tensor | None = None  # (N, d) h0 of every train image (--cache-zero-shot)
 
-    def target(self, x, idx, h):
-        """h0 (B, d): the zero-shot embedding of the same (augmented) images x, read from the
-        cache by their dataset indices idx, or a frozen forward f0(x); without f0 (--reg none:
-        R = 0 whatever h0 is) no frozen forward runs and h itself, detached, stands in."""
+    def target(self, x, idx, h, blocks=False):
+        """(h0,), h0 (B, d) the zero-shot embedding of the same (augmented) images x, read from
+        the cache by their dataset indices idx, or a frozen forward f0(x); without f0 (--reg
+        none: R = 0 whatever h0 is) no frozen forward runs and h itself, detached, stands in.
+        blocks=True (--reg ldifs): (h0, f0's features at every block), from one frozen forward
+        (models.tower_features)."""
         if self.h0_cache is not None:
-            return self.h0_cache[idx].to(h.device)
+            return (self.h0_cache[idx].to(h.device),)
         if self.f0 is None:
-            return h.detach()
+            return (h.detach(),)
         with torch.no_grad():
-            return self.f0(x)
+            return models.tower_features(self.f0, x) if blocks else (self.f0(x),)
 
 
 class BatchLoss(NamedTuple):
@@ -263,14 +282,20 @@ def sae_ft_loss(model, frozen, batch, args):
         h0        = f0(x)                       (B, d): the frozen zero-shot tower (Frozen)
         L = CE(logits, y) + λ·R(h, h0; SAE)     R: --reg, its weights λ, μ, λ_mask, … (args)
 
+    (--reg pca: the PCA basis in the SAE's place; --reg ldifs: R compares the two towers'
+    features at every block, `feats` and `feats0`, instead of h and h0.)
+
     batch: model-ready (x (B, 3, H, W), y (B,), dataset indices (B,)) (data.on_device). Under
     --amp the two forwards run in bf16 autocast; CE and R are computed in fp32."""
     x, y, idx = batch
+    blocks = args.reg == "ldifs"          # feats, feats0: [every block's features] or []
     with torch.autocast(x.device.type, torch.bfloat16, enabled=args.amp):
-        logits, h = model(x)                                              # (B, C), (B, d)
-        h0 = frozen.target(x, idx, h)                                     # (B, d), no grad
+        logits, h, *feats = model(x, blocks=True) if blocks else model(x)  # (B, C), (B, d)
+        h0, *feats0 = frozen.target(x, idx, h, blocks)                    # (B, d), no grad
     ce = losses.cross_entropy(logits, y, args.label_smoothing)
     terms = losses.regulariser(args.reg, h, h0, frozen.sae, space=args.sae_space,
+                               feats=feats[0] if blocks else None,
+                               feats0=feats0[0] if blocks else None,
                                **regulariser_weights(args))               # λ·R in "reg"
     return BatchLoss(ce + terms["reg"], {"ce": ce, **terms}, logits)     # L = CE + λ·R
 
@@ -423,9 +448,12 @@ def train(args):
     # split and its schedule, fθ and the frozen f0, the zero-shot targets, the probe set
     sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
                                  args.force_quick_gelu)[0] if args.sae else None
+    basis = models.load_frozen_basis(args.basis, args.device, args.model, args.pretrained,
+                                     args.force_quick_gelu)[0] if args.reg == "pca" else None
+    dictionary = sae if basis is None else basis    # what R reads (the probe reads the SAE)
     dataset, classnames, templates = train_split(args)
     steps_per_epoch, total_steps, stop = schedule(len(dataset), args)
-    clf, f0, (preprocess_train, preprocess_val), config = classifier(sae, classnames,
+    clf, f0, (preprocess_train, preprocess_val), config = classifier((sae, basis), classnames,
                                                                      templates, args)
     images = data.SeededImages(dataset, preprocess_train if args.augment else preprocess_val,
                                keep=not args.augment,     # no augmentation: decode once
@@ -460,7 +488,8 @@ def train(args):
             with run.stop_at_bad_image():  # all the step's images are read before it starts
                 micro_batches = list(itertools.islice(batches, args.accum_steps))
             try:
-                result = finetune_step(model, f0, sae, opt, micro_batches, args, h0_cache=h0_cache)
+                result = finetune_step(model, f0, dictionary, opt, micro_batches, args,
+                                       h0_cache=h0_cache)
             except NonFiniteLoss as e:
                 raise e.at_step(run.step + 1) from None
             record = {**result.terms, "acc": result.acc, "lr": lr, "grad_norm": result.grad_norm}
@@ -499,16 +528,18 @@ def schedule(n_images, args):
     return steps_per_epoch, total_steps, stop
 
 
-def classifier(sae, classnames, templates, args):
+def classifier(frozen, classnames, templates, args):
     """(fθ, f0, (train transform, eval transform), config): the zero-shot classifier to train
     (§3: class names × templates through the text tower), in train mode (BatchNorm normalises
-    by batch statistics), and θ0's frozen image tower (BatchNorm: running statistics)."""
+    by batch statistics), and θ0's frozen image tower (BatchNorm: running statistics).
+    frozen: (SAE, PCA basis), each None or checked to be of this model's embedding width."""
     clf, preprocess_train, preprocess_val, config = models.zero_shot_classifier(
         args.model, args.pretrained, classnames, templates, args.device,
         force_quick_gelu=args.force_quick_gelu or None)
-    if sae is not None and sae.d != config["embed_dim"]:
-        raise UserError(f"SAE width d={sae.d} ≠ the model's embedding width "
-                        f"{config['embed_dim']}: {args.sae} was trained on another model")
+    for what, fitted, path in zip(("SAE", "PCA basis"), frozen, (args.sae, args.basis)):
+        if fitted is not None and fitted.d != config["embed_dim"]:
+            raise UserError(f"{what} width d={fitted.d} ≠ the model's embedding width "
+                            f"{config['embed_dim']}: {path} was fitted on another model")
     f0 = models.frozen_copy(clf.visual)          # θ0, never updated
     clf.train()
     if not clf.set_grad_checkpointing(args.grad_checkpointing) and args.grad_checkpointing \
@@ -554,6 +585,7 @@ def finish(clf, config, run, total_steps):
         config.update(args=vars(args), steps=run.step, total_steps=total_steps,
                       finished=run.step == total_steps, world_size=run.world,
                       regulariser={"reg": args.reg, **regulariser_weights(args), "sae": args.sae,
+                                   **({"basis": args.basis} if args.reg == "pca" else {}),
                                    "sae_space": args.sae_space})
         models.save_classifier(run.out, clf, config)
         summary = write_summary(run, total_steps)

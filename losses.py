@@ -9,6 +9,8 @@ n = number of SAE latents (dictionary atoms).
     x0 = normalise(f_0(img))    (B, d)   zero-shot embedding, unit norm, never gets a gradient
     z  = E(x), z0 = E(x0)       (B, n)   Top-k SAE codes (z ≥ 0, at most k non-zeros per row)
     Δx = x − x0,  Δz = z − z0
+    c  = Pᵀ(x − μ)              (B, m)   coefficients in a PCA basis P (d, m) (the linear control)
+    f_l, f0_l                (B, T_l, C_l)  block l's features of the two towers (LDIFS)
 
 Reductions are means over all elements (as in the authors' code) so their weights carry over.
 Nothing here owns parameters: the SAE module (`sae.py`) and the stages call these functions.
@@ -40,6 +42,18 @@ def topk_encode(x, W_enc, b_enc, b_dec, k, normalise=True):
     top = pre.topk(k, dim=-1)
     z = torch.zeros_like(pre).scatter(-1, top.indices, F.relu(top.values))
     return z, pre
+
+
+def linear_encode(x, P, mean, normalise=True):
+    """c = Pᵀ(x̂ − μ), x̂ = x / ||x||: the coefficients of x in a linear basis (the PCA control).
+
+    x (B, d) any scale — normalised here, as topk_encode does; P (d, m) orthonormal columns, mean
+    μ (d,). Returns c (B, m). Its decoder is x̃ = P c + μ, so W_dec = P and the basis's
+    reconstruction error is (I − P Pᵀ)(x̂ − μ). normalise=False: space="raw" (see `regulariser`).
+    """
+    if normalise:
+        x = F.normalize(x, dim=-1)
+    return (x - mean) @ P                                       # (B, m)
 
 
 def fvu(x, x_hat):
@@ -117,6 +131,23 @@ def feature_removal(z, z0):
     return (on * F.relu(z0 - z)).mean()
 
 
+def ldifs(feats, feats0):
+    """LDIFS (Mukhoti et al. 2023) = mean over blocks l of mean over B·T_l·C_l of (f̂_l − f̂0_l)²,
+    f̂ = f / ||f|| along the channel axis (one unit vector per token or spatial position).
+
+    feats, feats0: lists of (B, T_l, C_l) tensors, block l's features of the trained and the
+    frozen tower on the same images (models.tower_features); feats0 is detached. Each block
+    weighs the same whatever its width or token count. Computed in fp32 (fp64 stays fp64).
+    """
+    if len(feats) != len(feats0) or not feats:
+        raise ValueError(f"LDIFS needs the same blocks of both towers, got {len(feats)} and "
+                         f"{len(feats0)}")
+    per_block = [(F.normalize(at_least_fp32(f), dim=-1)
+                  - F.normalize(at_least_fp32(f0.detach()), dim=-1)).pow(2).mean()
+                 for f, f0 in zip(feats, feats0)]
+    return torch.stack(per_block).mean()
+
+
 def l2_drift(x, x0):
     """mean over B·d of (x − x0)²: L2 between unit embeddings (§4, LDIFS on the last layer)."""
     return (x - x0).pow(2).mean()
@@ -144,7 +175,8 @@ def cross_entropy(logits, y, label_smoothing=0.0):
     return F.cross_entropy(at_least_fp32(logits), y, label_smoothing=label_smoothing)
 
 
-REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove")
+REGULARISERS = ("none", "l2", "l1", "sae-sparse", "sae-preserve", "sae-preserve-remove", "pca",
+                "ldifs")
 # Where R is computed: "unit" (this project's default) on unit-normalised embeddings, "raw" on
 # the raw ones, as the authors' training code does (see `regulariser`).
 SPACES = ("unit", "raw")
@@ -161,19 +193,30 @@ AUTHORS_WEIGHTS = {"lam": 70.0, "mu": 1.0, "lam_mask": 10.0, "lam_l1": 1e-3, "la
 
 def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
                 lam_l1=WEIGHTS["lam_l1"], lam_mask=WEIGHTS["lam_mask"],
-                lam_remove=WEIGHTS["lam_remove"], space="unit"):
+                lam_remove=WEIGHTS["lam_remove"], space="unit", feats=None, feats0=None):
     """Every term of the fine-tuning regulariser R by name, plus "reg" = λ·R (add it to CE).
 
     h (B, d) fine-tuned embedding, h0 (B, d) zero-shot embedding — both raw (any norm). With
     space="unit" (the default) they are unit-normalised here (§3: the SAE and the cosine head
     only see directions). h0 and the SAE parameters are detached: the zero-shot side never
-    receives a gradient.
+    receives a gradient. `sae` is the frozen TopKSAE for sae-*, the frozen PCABasis (sae.py)
+    for pca; feats, feats0 are the towers' block features for ldifs (see `ldifs`).
 
         none                 R = 0
         l2 / l1              R = l2_drift / l1_drift
         sae-sparse           R = μ·L_res + λ_l1·L_sparse
         sae-preserve         R = μ·L_res + λ_mask·L_pres
         sae-preserve-remove  R = μ·L_res + λ_mask·L_pres + λ_remove·L_remove
+        pca                  R = μ·L_res + λ_l1·L_sparse with the PCA basis in the SAE's place:
+                             z = c = Pᵀ(x − μ_pca), W_dec = P, so L_res = mean ((I − P Pᵀ)Δx)²
+                             (the change outside the top-m principal subspace of the zero-shot
+                             embeddings) and L_sparse = mean |Δc| — the same two functions as
+                             sae-sparse, a linear control for them (not in the paper; the
+                             authors' code has it). λ_l1 = 0 leaves L_res alone, the control
+                             of sae-preserve with λ_mask = 0.
+        ldifs                R = ldifs(feats, feats0): LDIFS (Mukhoti et al. 2023), the distance
+                             of channel-normalised features at every block of the image tower;
+                             l2 is its last-layer special case on the embedding (§4).
 
     Scale note. The authors' code applies the SAE and R to raw embeddings, ||h|| ≈ 10 for CLIP
     ViT-B; here they see unit-norm ones. Squared terms (L_res, l2) are then ≈ ||h||² smaller
@@ -188,7 +231,14 @@ def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
     z = ReLU(TopK_k(W_enc (h − b_dec) + b_enc)) with no normalisation, every term and weight
     unchanged — so AUTHORS_WEIGHTS mean what they meant. The SAE is still ours (b_enc, ReLU);
     theirs has neither, so the two coincide when b_enc = 0 and the k largest pre-activations are
-    positive. On unit-norm h, h0 the two spaces agree.
+    positive. On unit-norm h, h0 the two spaces agree. pca in raw space encodes h as it is
+    (μ_pca cancels in Δc, so L_res is the raw change outside the subspace); ldifs normalises
+    every block's features itself and ignores `space`.
+
+    LDIFS's scale: per token, the mean over C channels of (f̂ − f̂0)² is (2 − 2 cos)/C, as l2 is
+    (2 − 2 cos)/d on the embedding, so on a tower whose width C is near d the two take λ of the
+    same order. The authors' ldifs reduces the same way (means over channels, tokens, points and
+    the batch) but at five points of ViT-B instead of every block.
     """
     if name not in REGULARISERS:
         raise ValueError(f"unknown regulariser {name!r}; choose one of {', '.join(REGULARISERS)}")
@@ -206,16 +256,17 @@ def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
         terms[name] = (l2_drift if name == "l2" else l1_drift)(x, x0)
         terms["reg"] = lam * terms[name]
         return terms
-    if sae is None:
-        raise ValueError(f"regulariser {name!r} needs a trained SAE (pass sae=...)")
-    W_enc, b_enc, b_dec, W_dec = (p.detach().to(x.dtype) for p in
-                                  (sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec))
-    z, _ = topk_encode(x, W_enc, b_enc, b_dec, sae.k, unit)     # (B, n), carries the gradient
-    with torch.no_grad():
-        z0, _ = topk_encode(x0, W_enc, b_enc, b_dec, sae.k, unit)  # (B, n), constant
+    if name == "ldifs":
+        if feats is None or feats0 is None:
+            raise ValueError("regulariser 'ldifs' needs both towers' block features (pass "
+                             "feats=..., feats0=...; models.tower_features)")
+        terms["ldifs"] = ldifs(feats, feats0)
+        terms["reg"] = lam * terms["ldifs"]
+        return terms
+    z, z0, W_dec = codes(name, x, x0, sae, unit)                # (B, n), (B, n), (d, n)
     terms["res"] = residual_alignment(x - x0, z - z0, W_dec)
     total = mu * terms["res"]
-    if name == "sae-sparse":
+    if name in ("sae-sparse", "pca"):
         terms["sparse"] = sparse_feature_change(z - z0)
         total = total + lam_l1 * terms["sparse"]
     else:
@@ -226,6 +277,29 @@ def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
             total = total + lam_remove * terms["remove"]
     terms["reg"] = lam * total
     return terms
+
+
+def codes(name, x, x0, basis, normalise):
+    """(z, z0, W_dec) of regulariser `name`: the frozen dictionary's codes of x (with its
+    gradient) and of x0 (constant), and its decoder (d, n). sae-*: Top-k SAE codes; pca: the
+    coefficients c = Pᵀ(x − μ) of the PCA basis, W_dec = P. The parameters are detached here,
+    so the frozen side never receives a gradient whatever its requires_grad flags say."""
+    linear = name == "pca"
+    if basis is None or linear != hasattr(basis, "mean"):
+        need = "a PCA basis (sae.PCABasis)" if linear else "a trained SAE"
+        raise ValueError(f"regulariser {name!r} needs {need} (pass sae=...)")
+    if linear:
+        P, mean = (p.detach().to(x.dtype) for p in (basis.W_dec, basis.mean))
+        z = linear_encode(x, P, mean, normalise)                 # (B, m), carries the gradient
+        with torch.no_grad():
+            z0 = linear_encode(x0, P, mean, normalise)           # (B, m), constant
+        return z, z0, P
+    W_enc, b_enc, b_dec, W_dec = (p.detach().to(x.dtype) for p in
+                                  (basis.W_enc, basis.b_enc, basis.b_dec, basis.W_dec))
+    z, _ = topk_encode(x, W_enc, b_enc, b_dec, basis.k, normalise)   # (B, n), with gradient
+    with torch.no_grad():
+        z0, _ = topk_encode(x0, W_enc, b_enc, b_dec, basis.k, normalise)  # (B, n), constant
+    return z, z0, W_dec
 
 
 # --------------------------------------------------------------------------------------------

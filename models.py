@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from runs import (CONFIG_FILE, WEIGHT_FILE, UserError, atomic_write, brief,  # noqa: F401
                   load_json, load_safetensors, read_text, reading)
-from sae import TopKSAE
+from sae import PCA_CONFIG, PCABasis, TopKSAE
 
 # File names open_clip's `local-dir:` loader looks for, in its order of preference
 # (open_clip/factory.py, _find_checkpoint_in_dir); any other *.safetensors/*.bin/*.pth is a
@@ -164,18 +164,42 @@ def load_frozen_sae(path, device="cpu", model=None, pretrained=None, force_quick
     try:
         sae, config = TopKSAE.load(path, device)
     except FileNotFoundError as e:
+        if (Path(path) / PCA_CONFIG).is_file():
+            raise UserError(f"{path} holds a PCA basis, not an SAE: pass an SAE's folder "
+                            "(train_sae.py without --basis pca); a PCA basis goes to finetune.py "
+                            "--basis") from None
         raise UserError(str(e)) from None
-    if model is not None:
-        same = sae_trained_on(config, model, pretrained, force_quick_gelu)
-        if same is None:
-            print(f"warning: {path} does not record the model it was trained on; make sure it "
-                  f"is {model}", file=sys.stderr)
-        elif not same:
-            raise UserError(f"the SAE in {path} was trained on {config['model']} (pretrained "
-                            f"{config.get('pretrained')}), but the model is {model} (pretrained "
-                            f"{pretrained}): an SAE only describes the embeddings of its own "
-                            "model; train one for this model with train_sae.py")
+    _check_fitted_on(config, path, "SAE", "train one for this model with train_sae.py", model,
+                     pretrained, force_quick_gelu)
     return sae.eval().requires_grad_(False), config
+
+
+def load_frozen_basis(path, device="cpu", model=None, pretrained=None, force_quick_gelu=None):
+    """(basis, config) of a PCA basis folder (train_sae.py --basis pca), frozen; refuses a basis
+    fitted on another model's embeddings, as load_frozen_sae refuses an SAE."""
+    try:
+        basis, config = PCABasis.load(path, device)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    _check_fitted_on(config, path, "PCA basis", "fit one for this model with train_sae.py "
+                     "--basis pca", model, pretrained, force_quick_gelu)
+    return basis.eval().requires_grad_(False), config
+
+
+def _check_fitted_on(config, path, what, fix, model, pretrained, force_quick_gelu):
+    """A frozen SAE or basis only describes the embeddings of its own model: another model is a
+    UserError, a config that records none a warning (nothing to check without `model`)."""
+    if model is None:
+        return
+    same = sae_trained_on(config, model, pretrained, force_quick_gelu)
+    if same is None:
+        print(f"warning: {path} does not record the model it was trained on; make sure it "
+              f"is {model}", file=sys.stderr)
+    elif not same:
+        raise UserError(f"the {what} in {path} was trained on {config['model']} (pretrained "
+                        f"{config.get('pretrained')}), but the model is {model} (pretrained "
+                        f"{pretrained}): {'an' if what == 'SAE' else 'a'} {what} only "
+                        f"describes the embeddings of its own model; {fix}")
 
 
 def model_config(model_name, quick_gelu, cache_dir=None):
@@ -310,7 +334,12 @@ class ImageClassifier(nn.Module):
 
     encode_image = encode  # so data.extract_embeddings works on a classifier too
 
-    def forward(self, images):
+    def forward(self, images, blocks=False):
+        """(logits, h); with blocks=True (logits, h, every block's features: tower_features)
+        from the same single forward pass — LDIFS needs both."""
+        if blocks:
+            h, feats = tower_features(self.visual, images)
+            return self.head(F.normalize(h, dim=-1)), h, feats
         h = self.encode(images)
         return self.head(F.normalize(h, dim=-1)), h
 
@@ -321,6 +350,37 @@ class ImageClassifier(nn.Module):
         ModifiedResNet (RN50 & co.) has none and ignores the request."""
         self.visual.set_grad_checkpointing(on)
         return any(getattr(m, "grad_checkpointing", False) for m in self.visual.modules())
+
+
+def tower_features(visual, images):
+    """(h (B, d), [f_l (B, T_l, C_l) for each block l]): one forward of an open_clip image tower
+    that also returns its intermediate features, channels last (for LDIFS, losses.ldifs).
+
+    Through open_clip's own `forward_intermediates` (no hooks), whose h is the tower's forward
+    output and which runs the blocks under gradient checkpointing as the forward does:
+      ViT: the residual stream after every transformer block, all tokens (class token first);
+      ModifiedResNet: the output of each of its 4 stages (layer1-4; spatial positions as T);
+      TimmModel: the points timm's own forward_intermediates gives for its trunk (the stages
+      of a CNN; a timm ResNet's stem too), spatial positions as T.
+    Every block rather than the authors' five points of ViT-B: a rule that needs no choice per
+    depth (the toy tower has 3 blocks), and no layer where fine-tuning may drift unwatched."""
+    name = type(visual).__name__
+    try:
+        if name == "VisionTransformer":
+            out = visual.forward_intermediates(images, output_fmt="NLC", output_extra_tokens=True)
+            feats = [torch.cat([p, f], 1) for p, f in zip(out["image_intermediates_prefix"],
+                                                          out["image_intermediates"])]
+        elif name in ("ModifiedResNet", "TimmModel"):
+            out = visual.forward_intermediates(
+                images, indices=[1, 2, 3, 4] if name == "ModifiedResNet" else None,
+                output_fmt="NCHW")             # ModifiedResNet's index 0 is its stem
+            feats = [f.flatten(2).transpose(1, 2) for f in out["image_intermediates"]]
+        else:
+            raise NotImplementedError(f"no rule for a {name} tower")
+    except (NotImplementedError, AttributeError, AssertionError, TypeError) as e:
+        raise UserError(f"--reg ldifs needs the block features of the image tower, and this "
+                        f"{name} does not give them ({brief(e)}); use another --reg") from e
+    return out["image_features"], feats
 
 
 def frozen_copy(visual):

@@ -296,8 +296,10 @@ SYMBOLS = {"mu": "μ", "lam_mask": "λ_mask", "lam_l1": "λ_l1", "lam_remove": "
 
 def uses(reg, weight):
     """Whether regulariser `reg` reads `weight` (so that only real variants get a name)."""
-    return {"mu": reg.startswith("sae"), "lam_mask": reg in ("sae-preserve", "sae-preserve-remove"),
-            "lam_l1": reg == "sae-sparse", "lam_remove": reg == "sae-preserve-remove"}[weight]
+    return {"mu": reg.startswith("sae") or reg == "pca",
+            "lam_mask": reg in ("sae-preserve", "sae-preserve-remove"),
+            "lam_l1": reg in ("sae-sparse", "pca"),
+            "lam_remove": reg == "sae-preserve-remove"}[weight]
 
 
 def seed_of(record):

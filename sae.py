@@ -3,6 +3,11 @@
     z  = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)),   x̂ = x / ||x||     (encode)
     x̃ = W_dec z + b_dec                                                (decode)
 
+Beside it, its linear control (not in the paper; the authors' code has one): `PCABasis`, the top m
+principal directions P (d, m) of the same unit-normalised embeddings and their mean μ, with the
+SAE's interface (encode c = Pᵀ(x̂ − μ), decode x̃ = P c + μ, W_dec = P), so the regulariser runs
+the same residual-alignment and sparse-change terms through it (losses.regulariser, --reg pca).
+
 It lives in its own small module (not in train_sae.py) because all three stages need it:
 stage 1 trains it, stage 2 regularises through it frozen, stage 3 measures drift with it — and
 importing a stage script from another would drag its command line and data code along.
@@ -18,9 +23,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from runs import atomic_write, load_json, load_safetensors, reading  # guarded, atomic files
-from losses import at_least_fp32, topk_encode
+from losses import at_least_fp32, linear_encode, topk_encode
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
+PCA_WEIGHTS, PCA_CONFIG = "pca.safetensors", "pca_config.json"
 
 
 class SAEOutput(NamedTuple):
@@ -110,6 +116,102 @@ class TopKSAE(nn.Module):
         with reading(sae_dir / WEIGHTS, f"the weights of a d={sae.d}, n={sae.n} SAE", fix):
             sae.load_state_dict(weights)
         return sae.to(device), config
+
+
+class PCABasis(nn.Module):
+    """The top m principal directions of unit-normalised d-dim embeddings, frozen:
+
+        c  = Pᵀ(x̂ − μ),  x̂ = x / ||x||      (encode: m coefficients, dense, signed)
+        x̃ = P c + μ                         (decode; reconstruction error (I − P Pᵀ)(x̂ − μ))
+
+    P (d, m) has orthonormal columns (the eigenvectors of the data's covariance with the m
+    largest eigenvalues), μ (d,) the data mean. `W_dec` is P and `n` is m, as on TopKSAE, so
+    the regulariser and the reports treat the two alike. Fitted by `fit_pca` (train_sae.py
+    --basis pca); saved as pca.safetensors + pca_config.json, loadable alone."""
+
+    def __init__(self, P, mean):
+        super().__init__()
+        self.d, self.n = P.shape
+        self.register_buffer("W_dec", P.float().contiguous())      # (d, m) = P
+        self.register_buffer("mean", mean.float().contiguous())    # (d,) = μ
+
+    def encode(self, h):
+        """h (B, d), any scale → c (B, m)."""
+        if h.shape[-1] != self.d:
+            raise ValueError(f"the PCA basis expects embeddings of width {self.d}, got "
+                             f"{h.shape[-1]}: fit it on this model's embeddings (train_sae.py "
+                             "--basis pca)")
+        return linear_encode(at_least_fp32(h), self.W_dec, self.mean)
+
+    def decode(self, c):
+        """c (B, m) → x̃ (B, d), in the unit-norm space the basis was fitted in."""
+        return c @ self.W_dec.T + self.mean
+
+    def forward(self, h):
+        c = self.encode(h)
+        return SAEOutput(F.normalize(at_least_fp32(h), dim=-1), c, self.decode(c), c)
+
+    def save(self, out_dir, meta=None):
+        """Write <out_dir>/pca.safetensors + pca_config.json, each atomically."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = {"kind": "pca", "d": self.d, "m": self.n, **(meta or {})}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(out_dir / PCA_WEIGHTS, lambda p: save_file(tensors, p))
+        atomic_write(out_dir / PCA_CONFIG,
+                     lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+    @classmethod
+    def load(cls, basis_dir, device="cpu"):
+        """Rebuild a PCA basis from its folder alone → (basis, config)."""
+        basis_dir = Path(basis_dir)
+        for name in (PCA_WEIGHTS, PCA_CONFIG):
+            if not (basis_dir / name).is_file():
+                raise FileNotFoundError(f"no {name} in {basis_dir}: pass the folder "
+                                        "train_sae.py --basis pca wrote (its --out)")
+        fix = "pass the folder train_sae.py --basis pca wrote, or fit the basis again"
+        config = load_json(basis_dir / PCA_CONFIG, "a PCA basis config (JSON with d, m)", fix)
+        weights = load_safetensors(basis_dir / PCA_WEIGHTS, "PCA basis (safetensors)", fix)
+        with reading(basis_dir / PCA_WEIGHTS, "a PCA basis (W_dec (d, m), mean (d,))", fix):
+            basis = cls(weights["W_dec"], weights["mean"])
+            if (basis.d, basis.n) != (config["d"], config["m"]):
+                raise ValueError(f"its shape {(basis.d, basis.n)} is not the config's "
+                                 f"{(config['d'], config['m'])}")
+        return basis.to(device), config
+
+
+def fit_pca(h):
+    """Principal directions of the unit-normalised embeddings h (N, d), in float64:
+    (μ (d,), V (d, d) eigenvectors of the covariance as columns, eigenvalues (d,)), sorted by
+    decreasing eigenvalue. The top-m basis is PCABasis(V[:, :m], μ)."""
+    x = F.normalize(h.double(), dim=-1)
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / len(x)                       # (d, d)
+    values, vectors = torch.linalg.eigh(cov)                       # ascending
+    order = values.argsort(descending=True)
+    return mean, vectors[:, order], values[order]
+
+
+def pca_fvu_curve(h, mean, V):
+    """Held-out FVU of the top-m basis for every m = 0 … d: (d + 1,) float64,
+
+        FVU(m) = Σ_i ||(I − P_m P_mᵀ)(x_i − μ)||² / Σ_i ||x_i − μ||²,   x = h / ||h||,
+
+    P_m = V[:, :m], μ the *training* mean (as train_sae.held_out_report scores the SAE). V is
+    a complete orthonormal basis, so the residual of m components is the energy of the rest."""
+    x = F.normalize(h.double(), dim=-1) - mean.double()
+    energy = (x @ V.double()).pow(2).sum(0)                        # (d,) per direction
+    total = x.pow(2).sum()
+    kept = torch.cat([energy.new_zeros(1), energy.cumsum(0)])      # (d + 1,)
+    return ((total - kept) / total).clamp_min(0)
+
+
+def matched_components(curve, target):
+    """The smallest m ≥ 1 whose held-out FVU is at most `target` (the SAE's held-out FVU on the
+    same split): min {m ∈ 1 … d : curve[m] ≤ target}; d when none is (then FVU(d) ≈ 0 only
+    misses by rounding). curve: pca_fvu_curve's (d + 1,) values."""
+    hits = (curve[1:] <= target).nonzero()
+    return int(hits[0]) + 1 if len(hits) else len(curve) - 1
 
 
 def geometric_median(x, iters=100, eps=1e-6):

@@ -2,7 +2,8 @@
 
 Each fast path is compared with an independent, naive float64 implementation written with
 Python loops / NumPy on random tensors, including awkward sizes (d not a power of two, k = 1,
-k = n, batch 1); then invariants, gradients and the SAE's training-step constraints.
+k = n, batch 1); then invariants, gradients and the SAE's training-step constraints. The controls
+(PCA basis, LDIFS) at the end: the same, plus the rule that picks the basis's size.
 """
 import math
 
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import losses as L
-from sae import TopKSAE, geometric_median
+from sae import PCABasis, TopKSAE, fit_pca, geometric_median, matched_components, pca_fvu_curve
 
 torch.manual_seed(0)
 SIZES = [(1, 5, 7, 1), (3, 10, 13, 13), (4, 12, 30, 4), (7, 33, 50, 8)]   # (B, d, n, k)
@@ -479,3 +480,201 @@ def test_entropy_extremes():
     one = torch.zeros(4, 16)
     one[:, 5] = 2.0
     assert L.feature_entropy(one)[0].item() == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- the controls: PCA basis, LDIFS
+PCA_SIZES = [(1, 5, 1), (3, 10, 10), (4, 12, 5), (7, 33, 8)]     # (B, d, m); m = d: nothing outside
+
+
+def basis64(P, mean):
+    """PCABasis(P, mean) in float64 with P, μ exactly as given (the module stores float32)."""
+    basis = PCABasis(P, mean).double()
+    with torch.no_grad():
+        basis.W_dec.copy_(P)
+        basis.mean.copy_(mean)
+    return basis
+
+
+def rand_basis(d, m, seed=0):
+    """A float64 PCABasis with random orthonormal P (d, m) and a random mean."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return basis64(Q[:, :m], 0.1 * torch.randn(d, generator=g, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B,d,m", PCA_SIZES)
+def test_pca_terms_match_naive_projection(B, d, m):
+    """--reg pca through the SAE's code path equals, in float64, L_res = mean ((I − P Pᵀ)Δx)²
+    with the projector built by NumPy and L_sparse = mean |Pᵀ(x − μ) − Pᵀ(x0 − μ)| in loops."""
+    basis = rand_basis(d, m, seed=B)
+    g = torch.Generator().manual_seed(d)
+    h0 = torch.randn(B, d, generator=g, dtype=torch.float64) * 4
+    h = h0 + torch.randn(B, d, generator=g, dtype=torch.float64)
+    x, x0 = (v / np.linalg.norm(v, axis=-1, keepdims=True) for v in np64(h, h0))
+    P, mu = np64(basis.W_dec, basis.mean)
+    outside = (x - x0) @ (np.eye(d) - P @ P.T).T                   # (I − P Pᵀ) Δx, row-wise
+    coef = lambda v: [[sum(P[i, j] * (v[b, i] - mu[i]) for i in range(d)) for j in range(m)]
+                      for b in range(B)]                            # noqa: E731
+    dc = np.array(coef(x)) - np.array(coef(x0))
+    t = L.regulariser("pca", h, h0, basis, lam=3.0, mu=0.5, lam_l1=0.2)
+    assert t["res"].item() == pytest.approx((outside ** 2).mean(), rel=1e-9, abs=1e-15)
+    assert t["sparse"].item() == pytest.approx(np.abs(dc).mean(), rel=1e-9)
+    assert t["reg"].item() == pytest.approx(3.0 * (0.5 * t["res"] + 0.2 * t["sparse"]).item(),
+                                            rel=1e-12)
+    if m == d:                                   # a complete basis expresses every change
+        assert t["res"].item() == pytest.approx(0.0, abs=1e-28)
+    else:
+        assert t["res"].item() > 0
+
+
+def test_pca_residual_is_the_change_of_its_reconstruction_error():
+    """As for the SAE (§5): L_res = mean ((x − x̃) − (x0 − x̃0))², x̃ = decode(encode(x)); μ
+    cancels, so it does not depend on the basis's mean."""
+    basis = rand_basis(11, 4, seed=3)
+    h0, h = torch.randn(6, 11, dtype=torch.float64), torch.randn(6, 11, dtype=torch.float64)
+    x, x0 = F.normalize(h, dim=-1), F.normalize(h0, dim=-1)
+    err = (x - basis.decode(basis.encode(h))) - (x0 - basis.decode(basis.encode(h0)))
+    res = L.regulariser("pca", h, h0, basis)["res"]
+    assert res.item() == pytest.approx(err.pow(2).mean().item(), rel=1e-10)
+    moved = basis64(basis.W_dec, basis.mean + 5.0)
+    assert L.regulariser("pca", h, h0, moved)["res"].item() == pytest.approx(res.item(), rel=1e-10)
+
+
+def test_pca_and_sae_paths_refuse_the_wrong_dictionary():
+    h, h0 = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(ValueError, match="needs a PCA basis"):
+        L.regulariser("pca", h, h0, rand_sae(8, 16, 2))
+    with pytest.raises(ValueError, match="needs a PCA basis"):
+        L.regulariser("pca", h, h0)
+    with pytest.raises(ValueError, match="needs a trained SAE"):
+        L.regulariser("sae-sparse", h, h0, rand_basis(8, 3))
+
+
+def naive_ldifs(feats, feats0):
+    """Loops: per block, per sample and token, unit vectors along channels, squared difference
+    averaged over channels, tokens and the batch; then the mean over blocks."""
+    blocks = []
+    for f, f0 in zip(np64(*feats), np64(*feats0)):
+        vals = []
+        for b in range(f.shape[0]):
+            for t in range(f.shape[1]):
+                u = f[b, t] / math.sqrt(sum(v * v for v in f[b, t]))
+                u0 = f0[b, t] / math.sqrt(sum(v * v for v in f0[b, t]))
+                vals += [(u[c] - u0[c]) ** 2 for c in range(len(u))]
+        blocks.append(sum(vals) / len(vals))
+    return sum(blocks) / len(blocks)
+
+
+def block_features(B, shapes, seed, scale=0.3):
+    """(feats, feats0): float64 (B, T_l, C_l) per block, feats = feats0 + noise."""
+    g = torch.Generator().manual_seed(seed)
+    feats0 = [torch.randn(B, T, C, generator=g, dtype=torch.float64) * 3 for T, C in shapes]
+    return [f + scale * torch.randn(f.shape, generator=g, dtype=torch.float64)
+            for f in feats0], feats0
+
+
+@pytest.mark.parametrize("B,shapes", [(1, [(1, 5)]), (3, [(7, 13), (2, 4), (1, 9)]),
+                                      (2, [(17, 64), (17, 64), (17, 64)])])
+def test_ldifs_matches_naive(B, shapes):
+    feats, feats0 = block_features(B, shapes, seed=B)
+    ref = naive_ldifs(feats, feats0)
+    assert L.ldifs(feats, feats0).item() == pytest.approx(ref, rel=1e-10)
+    h = torch.randn(B, 6, dtype=torch.float64)
+    t = L.regulariser("ldifs", h, h, lam=7.0, feats=feats, feats0=feats0)
+    assert set(t) == {"ldifs", "reg"} and t["reg"].item() == pytest.approx(7 * ref, rel=1e-10)
+
+
+def test_ldifs_zero_for_same_directions_and_refuses_mismatched_blocks():
+    feats0 = block_features(4, [(3, 5), (6, 2)], seed=0)[1]
+    scaled = [f * torch.rand(f.shape[:-1] + (1,), dtype=torch.float64).add(0.5) for f in feats0]
+    assert L.ldifs(scaled, feats0).item() == pytest.approx(0.0, abs=1e-28)  # per-token scale
+    opposite = [-f for f in feats0]                                # (2 − 2·(−1)) / C per token
+    assert L.ldifs(opposite, feats0).item() == pytest.approx((4 / 5 + 4 / 2) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="same blocks"):
+        L.ldifs(feats0[:1], feats0)
+    with pytest.raises(ValueError, match="block features"):
+        L.regulariser("ldifs", torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_ldifs_in_fp32_under_bf16_inputs():
+    feats, feats0 = block_features(2, [(5, 8), (3, 16)], seed=1)
+    half = L.ldifs([f.bfloat16() for f in feats], [f.bfloat16() for f in feats0])
+    assert half.dtype == torch.float32
+    ref = L.ldifs([f.bfloat16().double() for f in feats], [f.bfloat16().double() for f in feats0])
+    assert half.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pca", "ldifs"])
+def test_controls_gradcheck_and_no_gradient_to_the_frozen_side(name):
+    basis = rand_basis(6, 3, seed=1)
+    h0 = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    h = (h0.detach() + 0.5 * torch.randn(3, 6, dtype=torch.float64)).requires_grad_()
+    feats, feats0 = block_features(3, [(4, 5), (2, 7)], seed=2)
+    feats = [f.requires_grad_() for f in feats]
+    feats0 = [f.requires_grad_() for f in feats0]
+    basis.W_dec.requires_grad_()                       # even a basis that asks for gradients
+    if name == "pca":
+        fn = lambda h: L.regulariser("pca", h, h0, basis, lam=2.0, lam_l1=0.3)["reg"]  # noqa
+        assert torch.autograd.gradcheck(fn, (h,))
+        fn(h).backward()
+        assert h.grad.abs().sum() > 0 and basis.W_dec.grad is None
+    else:
+        fn = lambda *f: L.ldifs(list(f), feats0)                   # noqa: E731
+        assert torch.autograd.gradcheck(fn, tuple(feats))
+        L.regulariser("ldifs", h, h0, feats=feats, feats0=feats0)["reg"].backward()
+        assert all(f.grad.abs().sum() > 0 for f in feats)
+        assert all(f.grad is None for f in feats0)
+    assert h0.grad is None
+
+
+def naive_held_out_fvu(h_train, h_val, m):
+    """The held-out FVU of the top-m PCA of h_train by NumPy's SVD (another algorithm than
+    fit_pca's eigh): Σ||(I − P Pᵀ)(x − μ)||² / Σ||x − μ||², μ the training mean."""
+    xt, xv = (v / np.linalg.norm(v, axis=-1, keepdims=True) for v in np64(h_train, h_val))
+    mu = xt.mean(0)
+    _, _, Vt = np.linalg.svd(xt - mu, full_matrices=False)
+    P = Vt[:m].T
+    r = (xv - mu) - (xv - mu) @ P @ P.T
+    return (r ** 2).sum() / ((xv - mu) ** 2).sum()
+
+
+def test_pca_fit_and_held_out_fvu_curve_match_naive():
+    g = torch.Generator().manual_seed(5)
+    d = 9                                                            # a spread spectrum
+    h = torch.randn(300, d, generator=g) * torch.linspace(3, 0.2, d) + 2.0
+    h_train, h_val = h[:250], h[250:]
+    mean, V, values = fit_pca(h_train)
+    assert (values[:-1] >= values[1:]).all()
+    curve = pca_fvu_curve(h_val, mean, V)
+    assert curve.shape == (d + 1,) and curve[0].item() == pytest.approx(1.0, rel=1e-12)
+    assert curve[d].item() == pytest.approx(0.0, abs=1e-12) and (curve[1:] <= curve[:-1]).all()
+    for m in (1, 4, d - 1):
+        assert curve[m].item() == pytest.approx(naive_held_out_fvu(h_train, h_val, m), rel=1e-8)
+        basis = basis64(V[:, :m], mean)                              # the module says the same
+        out = basis(h_val.double())
+        err = (out.x - out.x_hat).pow(2).sum() / (out.x - mean).pow(2).sum()
+        assert err.item() == pytest.approx(curve[m].item(), rel=1e-8)
+
+
+def test_matched_components_is_the_smallest_m_at_or_below_the_target():
+    curve = torch.tensor([1.0, 0.6, 0.35, 0.3, 0.3, 0.1, 0.0], dtype=torch.float64)
+    assert matched_components(curve, 0.35) == 2                      # equal counts as matched
+    assert matched_components(curve, 0.34) == 3                      # first of a tie
+    assert matched_components(curve, 0.2) == 5
+    assert matched_components(curve, 0.99) == 1                      # never m = 0
+    assert matched_components(curve, -1.0) == 6                      # nothing reaches it: d
+
+
+def test_pca_basis_save_load_round_trip_and_width_check(tmp_path):
+    basis = rand_basis(10, 4).float()
+    basis.save(tmp_path / "pca", meta={"model": "tiny"})
+    loaded, cfg = PCABasis.load(tmp_path / "pca")
+    assert cfg["kind"] == "pca" and (cfg["d"], cfg["m"], cfg["model"]) == (10, 4, "tiny")
+    assert (loaded.d, loaded.n) == (10, 4)
+    for name, t in basis.state_dict().items():
+        assert torch.equal(t, loaded.state_dict()[name]), name
+    with pytest.raises(FileNotFoundError, match="no pca"):
+        PCABasis.load(tmp_path)
+    with pytest.raises(ValueError, match="width 10, got 9"):
+        loaded.encode(torch.randn(2, 9))
+

@@ -28,6 +28,14 @@ ViT-B/16 on ImageNet (one GPU; 1.28 M embeddings ≈ 20 min to extract on an A10
   1/8 of the images; they are gathered in order, and rank 0 caches them and trains the SAE.
 An image that cannot be decoded stops the extraction with one line naming it; --skip-bad-images
 leaves such images out (named in warnings, counted in sae_config.json).
+
+The linear control (--basis pca; finetune.py --reg pca): instead of an SAE, a PCA basis of the same
+cached embeddings and the same train / held-out split, with as many components m as it takes to
+reconstruct as well as a given SAE — the smallest m whose held-out FVU is ≤ the SAE's held-out FVU
+on the same held-out embeddings (--match-fvu SAE_DIR; its model, data, --seed and --val-fraction
+must be the SAE's), or a fixed m (--components m). Seconds on a CPU:
+    python train_sae.py --model local-dir:toy_world/clip --train-data toy_world/data \
+        --basis pca --match-fvu runs/toy/sae --out runs/toy/pca
 """
 import argparse
 import math
@@ -44,7 +52,8 @@ import losses
 import models
 import runs
 from runs import UserError
-from sae import TopKSAE
+from sae import (PCA_CONFIG, PCA_WEIGHTS, PCABasis, TopKSAE, fit_pca, matched_components,
+                 pca_fvu_curve)
 
 
 # ============================================================================================
@@ -73,6 +82,14 @@ def parse_args(argv=None):
     g.add_argument("--val-fraction", type=float, default=0.05, help="held out for the "
                    "evaluations and the report")
     add_training_args(p)
+    g = p.add_argument_group("the linear control (finetune.py --reg pca)")
+    g.add_argument("--basis", choices=["sae", "pca"], default="sae", help="sae: train the Top-k "
+                   "SAE; pca: fit a PCA basis of the same embeddings instead (the SAE and "
+                   "optimisation flags are then unused), with --match-fvu or --components")
+    g.add_argument("--match-fvu", default=None, metavar="SAE_DIR", help="pca: the smallest m "
+                   "whose held-out FVU is at most this SAE's on the same held-out split")
+    g.add_argument("--components", type=int, default=None, metavar="M", help="pca: a fixed "
+                   "number of components m (1..d) instead of --match-fvu")
     g = p.add_argument_group("run")
     g.add_argument("--extract-batch-size", type=int, default=256, help="images per forward")
     g.add_argument("--workers", type=int, default=2, help="DataLoader workers for extraction")
@@ -124,15 +141,25 @@ RANGES = {"max_samples": "[1, inf)", "expansion": "[1, inf)", "k": "[1, inf)",
           "epochs": "[1, inf)", "batch_size": "[2, inf)", "lr": "(0, 1e37]",
           "warmup_steps": "[0, inf)", "clip_grad": "(0, inf)", "val_fraction": "(0, 1)",
           "extract_batch_size": "[1, inf)", "workers": "[0, inf)", "seed": runs.SEED_RANGE,
-          "eval_every": "[1, inf)", "plateau_tol": "[0, 1]", "lr_decay": "[0, 1)"}
+          "eval_every": "[1, inf)", "plateau_tol": "[0, 1]", "lr_decay": "[0, 1)",
+          "components": "[1, inf)"}
 OUT_FILES = ("sae.safetensors", "sae_config.json", "metrics.json", "train_log.jsonl")
+PCA_FILES = (PCA_WEIGHTS, PCA_CONFIG, "metrics.json")
+# The settings that fix the held-out split: --match-fvu compares FVUs on the SAE's own split.
+SPLIT_ARGS = ("train_data", "split", "image_column", "max_samples", "skip_bad_images", "seed",
+              "val_fraction", "amp")
 
 
 def check_args(args):
-    """Fail fast, before any work: numbers in range, a device this machine has (--out is
-    checked as the run takes hold of it)."""
+    """Fail fast, before any work: numbers in range, a device this machine has, --basis pca with
+    exactly one of --match-fvu / --components (--out is checked as the run takes hold of it)."""
     runs.check_ranges(args, RANGES)
     runs.check_device(args.device)
+    if args.basis == "pca" and (args.match_fvu is None) == (args.components is None):
+        raise UserError("--basis pca needs one of --match-fvu SAE_DIR (as many components as "
+                        "match that SAE's held-out FVU) or --components m")
+    if args.basis == "sae" and (args.match_fvu or args.components):
+        raise UserError("--match-fvu and --components are settings of --basis pca")
 
 
 # ============================================================================================
@@ -243,6 +270,8 @@ def train(args):
     if not rank0:
         return None
     h_train, h_val, skipped = split(h, labels, args)
+    if args.basis == "pca":                      # the linear control instead of the SAE
+        return fit_basis(args, h_train, h_val, skipped)
     N, d = h_train.shape
     n = args.expansion * d
     if not 1 <= args.k <= n:
@@ -472,13 +501,69 @@ def zero_shot_embeddings(args):
     return cached["h"].float(), cached["labels"]
 
 
+# ============================================================================================
+# The linear control: a PCA basis of the same embeddings, as good a reconstruction as the SAE
+# ============================================================================================
+
+def fit_basis(args, h_train, h_val, skipped):
+    """Fit the PCA basis on h_train (N, d), choose m (matched_components against --match-fvu's
+    SAE, or --components), save it with both held-out FVUs; returns the report."""
+    mean, V, _ = fit_pca(h_train)
+    curve = pca_fvu_curve(h_val, mean, V)                            # (d + 1,) held-out FVU
+    d = h_train.shape[1]
+    report = {"rule": "components", "sae_fvu": None}
+    if args.match_fvu:
+        sae_fvu = sae_held_out_fvu(args, h_val, h_train)
+        m = matched_components(curve, sae_fvu)
+        report = {"rule": "the smallest m whose held-out FVU ≤ the SAE's held-out FVU on the "
+                  "same split", "sae": args.match_fvu, "sae_fvu": sae_fvu}
+    elif args.components > d:
+        raise UserError(f"--components {args.components} is more than the embedding width "
+                        f"d = {d}")
+    else:
+        m = args.components
+    basis = PCABasis(V[:, :m], mean)
+    report.update(m=m, fvu=curve[m].item(), fvu_by_m=curve.tolist())
+    meta = {"model": args.model, "pretrained": args.pretrained,
+            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
+            "split": args.split, "n_train": len(h_train), "skipped_images": skipped,
+            "held_out": {k: report[k] for k in ("m", "fvu", "sae_fvu", "rule")},
+            "args": vars(args)}
+    basis.save(args.out, meta)
+    runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
+    versus = "" if report["sae_fvu"] is None else f" (the SAE's: {report['sae_fvu']:.4f})"
+    print(f"PCA basis d={d} m={m} | held-out fvu {report['fvu']:.4f}{versus} | saved {args.out}")
+    return report
+
+
+def sae_held_out_fvu(args, h_val, h_train):
+    """The --match-fvu SAE's held-out FVU, measured here on h_val with held_out_report (the
+    training mean as reference, as the PCA curve): the SAE must be of this model, and its
+    held-out split this run's (same data, --seed, --val-fraction), else a UserError."""
+    sae, config = models.load_frozen_sae(args.match_fvu, args.device, args.model,
+                                         args.pretrained, args.force_quick_gelu)
+    theirs = config.get("args") or {}
+    differ = [k for k in SPLIT_ARGS if k in theirs and theirs[k] != getattr(args, k)]
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {theirs[k]}" for k in differ)
+        raise UserError(f"the SAE in {args.match_fvu} was trained on another split ({flags}): "
+                        "pass the same settings, so both FVUs are of the same held-out "
+                        "embeddings")
+    if sae.d != h_val.shape[1]:
+        raise UserError(f"the SAE in {args.match_fvu} has width {sae.d}, the embeddings "
+                        f"{h_val.shape[1]}")
+    mean = F.normalize(h_train, dim=-1).mean(0)
+    return held_out_report(sae, h_val, args.batch_size, mean)["fvu"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     args.device = runs.dist_init(args.device)     # torchrun: each process embeds its share
     with runs.hold_if_main(args.out):             # one run per --out at a time (rank 0 holds it)
         if runs.is_main():
-            runs.check_out(args.out, OUT_FILES, overwrite=args.overwrite, resumable=False)
+            runs.check_out(args.out, PCA_FILES if args.basis == "pca" else OUT_FILES,
+                           overwrite=args.overwrite, resumable=False)
         return train(args)
 
 

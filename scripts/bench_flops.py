@@ -157,10 +157,12 @@ def count_model(name, args):
         clf, f0, sae, opt = bench.build(name, args.num_classes, torch.device("cpu"), args.seed,
                                         args.expansion, args.k, grad_checkpointing=ckpt)
         ctx = bench.SimpleNamespace(clf=clf, f0=f0, sae=sae, opt=opt, device=torch.device("cpu"),
-                                    amp=False, idx=torch.arange(B), h0_cache=None)
+                                    amp=False, idx=torch.arange(B), h0_cache=None,
+                                    basis=bench.pca_basis(sae.d, torch.device("cpu"), args.seed))
         ctx.h0_cache = bench.embed_pair(ctx, x)[1]
         for reg in regs if not ckpt else CKPT_REGS:
-            modes = ["skip"] if reg == "none" else ["frozen", "cached"]
+            # ldifs needs every block of the frozen tower: no cached variant (finetune.py too)
+            modes = {"none": ["skip"], "ldifs": ["frozen"]}.get(reg, ["frozen", "cached"])
             for mode in modes:
                 key = reg + ("+cache" if mode == "cached" else "") + ("+ckpt" if ckpt else "")
                 total, by_op = count(lambda: bench.train_step(ctx, x, y, reg, mode))

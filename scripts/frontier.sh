@@ -10,7 +10,10 @@
 #   SEEDS   "0 1 2"                                      PY    python to use
 #   CURVES  one curve per line: NAME|FINETUNE FLAGS|λ GRID, e.g.
 #           "l2|--reg l2|100 300 1000" (NAME names the run folders; the curve's label in the
-#           table comes from each run's own settings)
+#           table comes from each run's own settings). A curve with --reg pca gets the seed's
+#           PCA basis of matched FVU (fitted once into OUT/seedS/pca: train_sae.py --basis pca
+#           --match-fvu OUT/seedS/sae) as --basis; --reg ldifs needs --no-cache-zero-shot
+#           after FT_FLAGS' --cache-zero-shot, e.g. "ldifs|--reg ldifs --no-cache-zero-shot|…"
 #   SAE_FLAGS FT_FLAGS EVAL_FLAGS   flags of train_sae.py / finetune.py / evaluate.py
 #   SETS, ID_SET                    evaluate.py --sets / --id-set (default: the toy world's)
 #   TAG     names this curve set's results (OUT/seedS/results_TAG.jsonl, OUT/frontier_TAG.*);
@@ -41,6 +44,12 @@ finetune() {  # finetune DIR FLAGS...: one run, skipped when already finished
     || { echo "failed: $dir (log: $dir.log)"; tail -3 "$dir.log"; exit 1; }
 }
 
+basis() {  # the seed's PCA basis matched to its SAE's held-out FVU (--reg pca), fitted once
+  [ -f "$S/pca/pca_config.json" ] || $PY train_sae.py $common --workers 0 --seed "$seed" \
+      $SAE_FLAGS --basis pca --match-fvu "$S/sae" --out "$S/pca" --overwrite > "$S/pca.log" 2>&1 \
+      || { echo "failed: PCA basis (log: $S/pca.log)"; exit 1; }
+}
+
 t0=$(date +%s)
 for seed in $SEEDS; do
   S=$OUT/seed$seed
@@ -53,8 +62,10 @@ for seed in $SEEDS; do
   run_dirs="$S/none"
   while IFS='|' read -r name flags grid; do
     [ -n "$name" ] || continue
+    extra=""
+    case " $flags " in *" --reg pca "*) basis; extra="--basis $S/pca" ;; esac
     for lam in $grid; do
-      finetune "$S/${name}_lam$lam" $flags --lam "$lam" --sae "$S/sae"
+      finetune "$S/${name}_lam$lam" $flags --lam "$lam" --sae "$S/sae" $extra
       run_dirs="$run_dirs $S/${name}_lam$lam"
     done
   done <<< "$CURVES"

@@ -4,6 +4,7 @@ Nothing here downloads anything: the hub is switched off for the whole test sess
 the scripts the tests start, which inherit the environment).
 
     tiny_clip_dir       a `local-dir:` open_clip model (embed_dim 64, 32-px images, ~3.4 M params)
+    write_tiny_sae, write_tiny_basis  a random SAE / PCA basis saved as made for a tiny model
     write_tiny_model    the same from any open_clip model_cfg (TINY_FAMILIES: one per image-tower
                         family — ViT, ViT + QuickGELU, ModifiedResNet, a timm ConvNeXt)
     tiny_image_dataset  a save_to_disk DatasetDict, 4 classes, train 64 / test 32, 32-px images
@@ -95,6 +96,17 @@ def write_tiny_sae(path, clip_dir, n=256, k=8, seed=0):
     torch.manual_seed(seed)
     TopKSAE(64, n, k).save(path, {"model": f"local-dir:{clip_dir}", "pretrained": None,
                                   "force_quick_gelu": False})
+    return path
+
+
+def write_tiny_basis(path, clip_dir, m=16, seed=0):
+    """A random PCA basis (d = 64, m orthonormal directions, a small mean) saved as fitted for
+    the tiny CLIP at clip_dir (as train_sae.py --basis pca saves one). Returns path."""
+    from sae import PCABasis
+    g = torch.Generator().manual_seed(seed)
+    P, _ = torch.linalg.qr(torch.randn(64, m, generator=g))
+    PCABasis(P, 0.01 * torch.randn(64, generator=g)).save(
+        path, {"model": f"local-dir:{clip_dir}", "pretrained": None, "force_quick_gelu": False})
     return path
 
 

@@ -16,7 +16,7 @@ TINY = ["--model", "tiny", "--batch-size", "4", "--steps", "2", "--warmup", "1",
         "--extract-images", "8", "--extract-batch-size", "4", "--workers", "0",
         "--threads", "1"]
 VARIANTS = ["none", "none+frozen", "l2", "l1", "sae-sparse", "sae-preserve",
-            "sae-preserve-remove", "sae-preserve+cache"]
+            "sae-preserve-remove", "pca", "ldifs", "sae-preserve+cache"]
 
 
 def positive(v):
@@ -44,7 +44,7 @@ def test_bench_runs_and_reports_every_number(tmp_path):
     # the breakdown, the regulariser alone, the floor
     assert all(positive(res["breakdown_ms"][k]) for k in (
         "forward", "frozen_forward", "loss", "backward", "optimiser", "sae_encode_both", "total"))
-    assert set(res["regulariser_alone_ms"]) == set(VARIANTS[2:7]) | {"none"}
+    assert set(res["regulariser_alone_ms"]) == set(VARIANTS[2:9]) | {"none"}
     assert all(positive(x) for x in res["regulariser_alone_ms"].values())
     for k in ("ideal", "measured", "backward_over_forward", "frozen_over_forward",
               "sae_preserve_over_none", "excess_over_floor", "regulariser_share"):
@@ -80,6 +80,8 @@ def test_mem_configs_pick_the_probes_and_refuse_unknown_ones():
     with pytest.raises(UserError, match=r"unknown --mem-configs \['bf32'\]"):
         bench.resolve_defaults(bench.parse_args(["--model", "tiny",
                                                  "--mem-configs", "fp32,bf32"]))
+    with pytest.raises(UserError, match="--cached-reg ldifs: LDIFS needs every block"):
+        bench.resolve_defaults(bench.parse_args(["--model", "tiny", "--cached-reg", "ldifs"]))
 
 
 def test_the_breakdown_marks_the_real_step_from_outside():

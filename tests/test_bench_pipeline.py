@@ -63,10 +63,13 @@ def test_tiny_tower_counts_agree_with_hand_counts_and_each_other(tiny_counts):
     for reg in ("l2", "l1"):
         assert t[reg] - t["none"] == m["tower_forward_per_image"]
         assert t[f"{reg}+cache"] == t["none"]
-    for reg in ("sae-sparse", "sae-preserve", "sae-preserve-remove"):
+    for reg in ("sae-sparse", "sae-preserve", "sae-preserve-remove", "pca"):
         sae = t[f"{reg}+cache"] - t["none"]
         assert 0 < sae < 0.05 * t["none"]
         assert t[reg] - t[f"{reg}+cache"] == m["tower_forward_per_image"]
+    # LDIFS: the frozen forward, which gives its blocks too (never cached); its own math is
+    # elementwise, which the counter does not count
+    assert "ldifs+cache" not in t and t["ldifs"] - t["none"] == m["tower_forward_per_image"]
     # checkpointing re-runs the trained tower's forward in the backward: more, never less
     for key in ("none", "sae-preserve", "sae-preserve+cache"):
         assert t[key] < t[f"{key}+ckpt"] <= t[key] + 1.01 * m["tower_forward_per_image"]

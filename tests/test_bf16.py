@@ -37,16 +37,18 @@ from safetensors.torch import load_file
 import evaluate
 import finetune
 import train_sae
-from conftest import refused, write_tiny_sae
+from conftest import refused, write_tiny_basis, write_tiny_sae
 
 CK, CA = ("--grad-checkpointing",), ("--cache-zero-shot",)
 # Each regulariser in bf16 with and without grad checkpointing / the zero-shot cache: every
 # combination on the main method, one per regulariser elsewhere (the four combinations gave
 # bit-identical losses here; their agreement is checked on sae-preserve).
+# (ldifs cannot use the cache: it needs every block of the frozen tower.)
 VARIANTS = {"none": [()], "l2": [CK], "l1": [CA], "sae-sparse": [CK + CA],
-            "sae-preserve": [(), CK, CA, CK + CA], "sae-preserve-remove": [CK + CA]}
-SMOOTH = {"none", "l2", "sae-sparse", "sae-preserve"}     # compared at step 2 too (module doc)
-TERMS = ("l2", "l1", "res", "pres", "sparse", "remove", "reg")
+            "sae-preserve": [(), CK, CA, CK + CA], "sae-preserve-remove": [CK + CA],
+            "pca": [CK + CA], "ldifs": [CK]}
+SMOOTH = {"none", "l2", "sae-sparse", "sae-preserve", "pca", "ldifs"}  # step 2 too (module doc)
+TERMS = ("l2", "l1", "res", "pres", "sparse", "remove", "ldifs", "reg")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,6 +57,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def sae_dir(tiny_clip_dir, tmp_path_factory):
     return str(write_tiny_sae(tmp_path_factory.mktemp("sae"), tiny_clip_dir))
+
+
+@pytest.fixture(scope="module")
+def basis_dir(tiny_clip_dir, tmp_path_factory):
+    return str(write_tiny_basis(tmp_path_factory.mktemp("pca"), tiny_clip_dir))
 
 
 def read_jsonl(path):
@@ -93,10 +100,12 @@ def test_auto_amp_is_on_for_cuda_only():
 
 
 @pytest.mark.parametrize("reg", list(VARIANTS))
-def test_finetune_bf16_matches_fp32(reg, tiny_clip_dir, tiny_image_dataset, sae_dir, tmp_path):
+def test_finetune_bf16_matches_fp32(reg, tiny_clip_dir, tiny_image_dataset, sae_dir, basis_dir,
+                                   tmp_path):
     args = (tiny_clip_dir, tiny_image_dataset, sae_dir, reg)
-    ref = finetune_run(finetune_argv(*args, tmp_path / "fp32", amp=False))
-    runs = [finetune_run(finetune_argv(*args, tmp_path / f"bf16_{i}", True, extra))
+    basis = ("--basis", basis_dir) if reg == "pca" else ()
+    ref = finetune_run(finetune_argv(*args, tmp_path / "fp32", False, basis))
+    runs = [finetune_run(finetune_argv(*args, tmp_path / f"bf16_{i}", True, (*extra, *basis)))
             for i, extra in enumerate(VARIANTS[reg])]
     assert ref["amp"] is False and all(r["amp"] is True for r in runs)   # recorded, resolved
     f1, f2 = ref["log"]

@@ -74,20 +74,35 @@ def test_tiny_demo_end_to_end(world, tmp_path):
 
 @needs_make
 def test_tiny_frontier_sweep_end_to_end_and_resumable(world, tmp_path):
-    """`make frontier` on the tiny world: 2 seeds × (standard FT + L2 at one λ), the per-seed
-    evaluations, the frontier table and figure; a second call finds everything done."""
+    """`make frontier` on the tiny world: 2 seeds × (standard FT + L2, the PCA control and LDIFS
+    at one λ), with cached zero-shot targets as the Makefile's FT_FLAGS (LDIFS turns them off);
+    each seed's PCA basis fitted to its SAE; the per-seed evaluations, the frontier table and
+    figure; a second call finds everything done."""
     out = tmp_path / "frontier"
+    flags = dict(TINY, FT_FLAGS=TINY["FT_FLAGS"] + " --no-augment --cache-zero-shot")
+    curves = ("l2|--reg l2|1000\\npca|--reg pca --lam-l1 0|1000\\n"
+              "ldifs|--reg ldifs --no-cache-zero-shot|1000")
     cmd = ["make", "--no-print-directory", "frontier", f"WORLD={world}", f"FRONTIER={out}",
-           "SEEDS=0 1", "FRONTIER_CURVES=l2|--reg l2|1000",
-           *(f"{k}={v}" for k, v in TINY.items() if k != "REPORT_FLAGS")]
+           "SEEDS=0 1", f"FRONTIER_CURVES={curves}",
+           *(f"{k}={v}" for k, v in flags.items() if k != "REPORT_FLAGS")]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     table = (out / "frontier_main.md").read_text()
-    assert "| l2 | 1000 |" in table and "| WiSE-FT | 0.5 |" in table
+    for row in ("| l2 | 1000 |", "| pca λ_l1=0 | 1000 |", "| ldifs | 1000 |", "| WiSE-FT | 0.5 |"):
+        assert row in table, row
     assert (out / "frontier_main.png").is_file()
     for seed in (0, 1):
-        records = [json.loads(x) for x in (out / f"seed{seed}" / "results_main.jsonl").open()]
+        S = out / f"seed{seed}"
+        records = [json.loads(x) for x in (S / "results_main.jsonl").open()]
         assert {r["run_config"].get("args", {}).get("seed") for r in records
                 if r["kind"] != "zero-shot"} == {seed}
+        pca = json.loads((S / "pca" / "pca_config.json").read_text())
+        assert pca["args"]["match_fvu"] == str(S / "sae") and pca["args"]["seed"] == seed
+        run = json.loads((S / "pca_lam1000" / "config.json").read_text())
+        assert run["regulariser"]["basis"] == str(S / "pca")
+        run = json.loads((S / "ldifs_lam1000" / "config.json").read_text())
+        assert run["args"]["cache_zero_shot"] is False
+    stamp = (out / "seed0" / "pca" / "pca.safetensors").stat().st_mtime_ns
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0 and "run:" not in again.stdout and "done:" in again.stdout
+    assert (out / "seed0" / "pca" / "pca.safetensors").stat().st_mtime_ns == stamp

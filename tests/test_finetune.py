@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import data
 import finetune
 import models
-from conftest import refused, write_tiny_sae
+from conftest import refused, write_tiny_basis, write_tiny_sae
 from sae import TopKSAE
 
 HERE = Path(__file__).resolve().parents[1]  # the repository root
@@ -35,6 +35,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def sae_dir(tiny_clip_dir, tmp_path_factory):
     """A frozen SAE for the tiny model (random atoms are enough to exercise every term)."""
     return str(write_tiny_sae(tmp_path_factory.mktemp("sae"), tiny_clip_dir))
+
+
+@pytest.fixture(scope="module")
+def basis_dir(tiny_clip_dir, tmp_path_factory):
+    """A frozen PCA basis for the tiny model (random orthonormal directions; --reg pca)."""
+    return str(write_tiny_basis(tmp_path_factory.mktemp("pca"), tiny_clip_dir))
 
 
 @pytest.fixture
@@ -87,12 +93,19 @@ def test_cli_end_to_end(base, sae_dir, tmp_path):
 
 
 TERMS = {"none": set(), "l2": {"l2"}, "l1": {"l1"}, "sae-sparse": {"res", "sparse"},
-         "sae-preserve": {"res", "pres"}, "sae-preserve-remove": {"res", "pres", "remove"}}
+         "sae-preserve": {"res", "pres"}, "sae-preserve-remove": {"res", "pres", "remove"},
+         "pca": {"res", "sparse"}, "ldifs": {"ldifs"}}
+
+
+def test_every_regulariser_is_tested():
+    import losses
+    assert set(TERMS) == set(losses.REGULARISERS)
 
 
 @pytest.mark.parametrize("reg", list(TERMS))
-def test_each_regulariser_logs_its_terms(reg, base, sae_dir, tmp_path):
+def test_each_regulariser_logs_its_terms(reg, base, sae_dir, basis_dir, tmp_path):
     sae = ["--sae", sae_dir] if reg.startswith("sae") else []
+    sae += ["--basis", basis_dir] if reg == "pca" else []
     finetune.main([*base, *sae, "--reg", reg, "--max-steps", "3", "--out", str(tmp_path)])
     log = read_jsonl(tmp_path / "train_log.jsonl")
     assert set(log[0]) - {"step", "epoch", "acc", "lr", "grad_norm", "ms_per_step"} == \

@@ -93,12 +93,15 @@ def test_frontier_curves_from_records_add_the_endpoints():
         recs += record("ft", "l2", 93.0, 89.0 + seed, seed, lam=100.0, run=f"l2_{seed}")
         recs += record("ft", "sae-preserve", 94.0, 88.0, seed, lam=100.0, mu=0.0,
                        run=f"sp{seed}")
+        recs += record("ft", "pca", 94.0, 87.0, seed, lam=100.0, lam_l1=0.0, lam_mask=5.0,
+                       run=f"pca{seed}")                 # λ_mask is no weight of pca
+        recs += record("ft", "ldifs", 94.0, 86.0, seed, lam=100.0, mu=2.0, run=f"ld{seed}")
         for a in (0.0, 0.5, 1.0):
             recs += record("wise-ft", "none", 90 + 6 * a, 90 - 6 * a * a, seed, alpha=a,
                            run=f"none{seed}")
     zero_shot, curves = report.frontier_curves(recs)
     assert zero_shot == (90.0, 90.0)
-    assert set(curves) == {"none", "l2", "sae-preserve μ=0", "WiSE-FT"}
+    assert set(curves) == {"none", "l2", "sae-preserve μ=0", "pca λ_l1=0", "ldifs", "WiSE-FT"}
     assert curves["l2"][1] == [(0.0, 96.0, 84.0), (100.0, 93.0, 90.0), (math.inf, 90.0, 90.0)]
     assert curves["WiSE-FT"][0] == [(0.0, 90.0, 90.0), (0.5, 93.0, 88.5), (1.0, 96.0, 84.0)]
     table = report.matched_id({k: v for k, v in curves.items() if k != "none"}, [93.0])

@@ -58,6 +58,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import train_sae  # noqa: E402  (the real training loop and step)
 from data import UserError  # noqa: E402
+import runs  # noqa: E402
 from runs import append_jsonl, read_jsonl  # noqa: E402
 from sae import SAEOutput, TopKSAE  # noqa: E402
 
@@ -308,6 +309,7 @@ def main(argv=None):
         require_saelens()                      # before any training, not after ours
     done = finished_runs(args.results, args) if args.results else set()
     torch.set_num_threads(args.threads)
+    runs.use_device(args.device, amp=False)    # IEEE fp32, as train_sae.py trains the SAE
     h, A = planted_dictionary(args.d, args.atoms, args.active, args.n_train + args.n_val,
                               args.zipf, args.noise, args.data_seed)
     h = h.to(args.device)

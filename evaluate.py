@@ -395,6 +395,7 @@ def evaluate(args):
     zs = zero_shot_settings(args, runs)
     # ---- torchrun: every process embeds its share of each set; rank 0 scores and writes
     args.device = runs_io.dist_init(args.device)
+    runs_io.use_device(args.device, args.amp)    # this GPU; the precision policy (TF32)
     main = runs_io.is_main()
     sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, zs.model, zs.pretrained,
                                            zs.quick_gelu) if args.sae else (None, {}))

@@ -400,7 +400,7 @@ def train(args):
     out = Path(args.out)
     runs.seed_all(args.seed)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    runs.use_device(device, args.amp)            # this GPU; the precision policy (TF32)
 
     # ---- frozen SAE (stage 1), loaded first: a wrong --sae fails before anything slow
     sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,

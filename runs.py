@@ -6,6 +6,7 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     UserError, HelpFormatter, cli      one error class, one --help style, one `error: …` exit
     check_ranges, check_device         numeric flags and --device, checked before any work
     add_amp_flag, resolve_amp          --amp / --no-amp: bf16 autocast on any device (auto: CUDA)
+    use_device, set_precision          the process's GPU and the one precision policy (TF32)
     check_writable                     an output path can be written, checked before any work
     reading, read_text, load_json,     every file a user points to, read through one guard
     check_safetensors, load_safetensors
@@ -163,6 +164,44 @@ def resolve_amp(amp, device):
     """The --amp a run uses: as given, else on for CUDA only (bf16 autocast is fast on GPUs;
     on most CPUs it is slower than fp32, and it changes results, so CPU asks for it)."""
     return str(device).startswith("cuda") if amp is None else bool(amp)
+
+
+def use_device(device, amp):
+    """Make `device` this process's device and set the precision policy; returns it as a
+    torch.device. Every stage and benchmark calls this once, as soon as its device (after
+    dist_init) and its --amp are known.
+
+    --device cuda:N needs torch.cuda.set_device(N) (CUDA only): tensors moved with .to("cuda:N")
+    go to GPU N without it, but CUDA's *current* device stays GPU 0, so
+    torch.cuda.max_memory_allocated() (summary.json, gpu_check) reads GPU 0 (≈ 0 MB) and the
+    DataLoader's pin-memory thread opens a context (hundreds of MB) on GPU 0 as well."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    set_precision(amp)
+    return dev
+
+
+def set_precision(amp):
+    """The precision policy, one rule for every stage and benchmark
+    (docs/reproduce.md: "Precision and memory"):
+
+        --amp     the towers (and heads) run under bf16 autocast, in the stages' own autocast
+                  blocks; what is left in fp32 around them (ops autocast keeps in fp32, the
+                  backward of the fp32 losses) may use TF32 matmuls and convolutions (CUDA)
+        --no-amp  fp32 throughout: TF32 off, so `--no-amp` on a GPU is IEEE fp32, as on a CPU
+        always    the SAE (encode, Top-k, decode), the losses and the metrics run in IEEE fp32
+                  inside losses.exact_fp32 (autocast and TF32 off), so the support a feature is
+                  judged by is the same in training, the regulariser, the probe, the
+                  evaluation and the report, whatever --amp says
+
+    TF32 (CUDA, Ampere and later) keeps 10 mantissa bits of fp32's 23: a Top-k choice between
+    near-tied pre-activations can flip under it, which is why the SAE never sees it. Set through
+    the per-backend `fp32_precision` switches (torch ≥ 2.9); the older `allow_tf32` flags are
+    never set in this project: torch refuses to report the setting once the two are mixed."""
+    mode = "tf32" if amp else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode           # cuBLAS: Linear, matmul
+    torch.backends.cudnn.conv.fp32_precision = mode            # cuDNN: Conv2d (ResNet towers)
 
 
 def check_writable(path, flag, folder):

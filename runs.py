@@ -448,18 +448,27 @@ def seed_all(seed):
 
 
 def rng_state():
-    """Every RNG a run touches (numpy's as a tensor, so the checkpoint loads with weights_only)."""
+    """Every RNG a run touches (numpy's as a tensor, so the checkpoint loads with weights_only).
+
+    CUDA: the generator of this process's own GPU alone (the current device: use_device and
+    dist_init make it the run's), as a list of one; none when the run never touched CUDA.
+    Saving every visible GPU's (get_rng_state_all) opened a context on each of them, and tied
+    the checkpoint to their number: a resume where fewer were visible failed."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
 
 
 def set_rng_state(s):
+    """Restore rng_state(s); the saved CUDA state goes to this process's own GPU, however many
+    GPUs are visible now. Checkpoints written before held one state per visible GPU: the one
+    at the current device's index is taken (the first, if there are fewer)."""
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] and torch.cuda.is_initialized():
+        own = torch.cuda.current_device()
+        torch.cuda.set_rng_state(s["cuda"][own] if own < len(s["cuda"]) else s["cuda"][0])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 

@@ -85,6 +85,7 @@ def test_an_older_checkpoint_with_every_gpus_state_still_resumes(monkeypatch):
 
 def test_a_run_that_never_touched_cuda_saves_no_cuda_state(monkeypatch):
     """No CUDA context is opened for the RNG state of a CPU run on a GPU machine."""
+    FakeGPUs(monkeypatch, count=2, current=0)                 # visible, but never used
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_rng_state", FakeGPUs.refuse)
     assert runs.rng_state()["cuda"] == []

@@ -19,8 +19,8 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     first_non_finite                   nothing inf/NaN reaches a checkpoint
     truncate_jsonl                     on resume, drop log lines written after the checkpoint
     read_run, Run                      a finetune.py output folder and what its config says
-    dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
-    gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
+    dist_init, dist_backend, is_main,  several processes (torchrun): join / leave, rank 0 writes,
+    shard_range, gather_rows, …        each rank its share of the images, results gathered
     Progress, progress                 a tqdm bar on a terminal, plain periodic lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
@@ -566,26 +566,45 @@ def is_main():
     return rank() == 0
 
 
+# The process group's backend when it is not the default (NCCL on GPUs, gloo on the CPU).
+BACKEND_ENV = "SAE_FT_DIST_BACKEND"
+
+
+def dist_backend(device):
+    """nccl or gloo: $SAE_FT_DIST_BACKEND if set, else NCCL for a CUDA device, gloo otherwise.
+
+    gloo on GPUs lets several processes share one GPU (NCCL refuses two ranks on one device),
+    at a slower all-reduce: scripts/gpu_check.py runs DDP, no_sync and the gathers on CUDA
+    tensors that way on a machine with a single GPU."""
+    cuda = str(device).startswith("cuda")
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if cuda else "gloo")
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and not cuda):
+        raise UserError(f"{BACKEND_ENV}={backend}: use gloo, or nccl with a CUDA --device")
+    return backend
+
+
 def dist_init(device):
     """Join torchrun's process group (a no-op in a plain run, or when already joined).
 
-    Returns the device this process uses: cuda:LOCAL_RANK under torchrun on GPUs (backend NCCL),
-    else `device` (CPU: backend gloo)."""
+    Returns the device this process uses: under torchrun on GPUs cuda:LOCAL_RANK, or with gloo
+    and more processes than GPUs cuda:(LOCAL_RANK mod GPUs); else `device`. The backend:
+    dist_backend."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return device
     cuda = str(device).startswith("cuda")
+    backend = dist_backend(device)
     if cuda:
-        local = int(os.environ["LOCAL_RANK"])
-        if local >= torch.cuda.device_count():
-            raise UserError(f"torchrun started process {local} on a machine with "
-                            f"{torch.cuda.device_count()} visible GPU(s): start at most one per "
-                            "GPU (--nproc_per_node), or pass --device cpu")
-        device = f"cuda:{local}"
+        local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= gpus and backend == "nccl":
+            raise UserError(f"torchrun started process {local} on a machine with {gpus} "
+                            "visible GPU(s): start at most one per GPU (--nproc_per_node), "
+                            f"pass --device cpu, or share the GPUs with {BACKEND_ENV}=gloo")
+        device = f"cuda:{local % gpus}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+            dist.init_process_group(backend, timeout=DIST_TIMEOUT)
         except Exception as e:  # the store / rendezvous timed out: some process never arrived
             raise UserError(f"could not join the other {world - 1} process(es): {e}") from e
     return device

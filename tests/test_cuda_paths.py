@@ -89,3 +89,42 @@ def test_a_run_that_never_touched_cuda_saves_no_cuda_state(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
     monkeypatch.setattr(torch.cuda, "get_rng_state", FakeGPUs.refuse)
     assert runs.rng_state()["cuda"] == []
+
+
+def test_the_backend_is_nccl_on_gpus_gloo_on_the_cpu_unless_overridden(monkeypatch):
+    monkeypatch.delenv(runs.BACKEND_ENV, raising=False)
+    assert (runs.dist_backend("cuda:0"), runs.dist_backend("cpu")) == ("nccl", "gloo")
+    monkeypatch.setenv(runs.BACKEND_ENV, "gloo")
+    assert runs.dist_backend("cuda") == "gloo"
+    for bad, device in (("mpi", "cuda"), ("nccl", "cpu")):
+        monkeypatch.setenv(runs.BACKEND_ENV, bad)
+        with pytest.raises(runs.UserError, match=runs.BACKEND_ENV):
+            runs.dist_backend(device)
+
+
+def joined_as(monkeypatch, local_rank, world):
+    """dist_init's environment under torchrun, with the process group already joined (so
+    dist_init only picks the device)."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+
+
+def test_gloo_shares_one_gpu_between_processes_nccl_refuses(monkeypatch):
+    """Two processes, one GPU: with SAE_FT_DIST_BACKEND=gloo both run on cuda:0 (the GPU check's
+    two-rank run); with NCCL the second is refused with a one-line error naming the fix."""
+    gpus = FakeGPUs(monkeypatch, count=1, current=0)
+    joined_as(monkeypatch, local_rank=1, world=2)
+    monkeypatch.delenv(runs.BACKEND_ENV, raising=False)
+    with pytest.raises(runs.UserError, match="SAE_FT_DIST_BACKEND=gloo"):
+        runs.dist_init("cuda")
+    monkeypatch.setenv(runs.BACKEND_ENV, "gloo")
+    gpus.current = None
+    assert runs.dist_init("cuda") == "cuda:0" and gpus.current == 0
+
+
+def test_nccl_gives_each_process_its_own_gpu(monkeypatch):
+    gpus = FakeGPUs(monkeypatch, count=4, current=0)
+    joined_as(monkeypatch, local_rank=3, world=4)
+    monkeypatch.delenv(runs.BACKEND_ENV, raising=False)
+    assert runs.dist_init("cuda") == "cuda:3" and gpus.current == 3

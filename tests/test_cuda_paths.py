@@ -128,3 +128,28 @@ def test_nccl_gives_each_process_its_own_gpu(monkeypatch):
     joined_as(monkeypatch, local_rank=3, world=4)
     monkeypatch.delenv(runs.BACKEND_ENV, raising=False)
     assert runs.dist_init("cuda") == "cuda:3" and gpus.current == 3
+
+
+def test_bench_sae_waits_for_the_gpu_before_it_reads_the_clock(monkeypatch):
+    """bench_sae.clock synchronises the timed device before reading the time (CUDA runs
+    asynchronously), and the trainer's wall time is read through it at both ends."""
+    from types import SimpleNamespace
+    import bench_sae
+    events, real = [], bench_sae.clock
+    monkeypatch.setattr(torch.cuda, "synchronize",
+                        lambda device=None: events.append(("sync", str(device))))
+    monkeypatch.setattr(bench_sae, "time", SimpleNamespace(
+        perf_counter=lambda: events.append("time") or 0.0))
+    real(torch.device("cuda:1"))
+    real(torch.device("cpu"))
+    assert events == [("sync", "cuda:1"), "time", "time"]
+    monkeypatch.undo()
+    timed = []
+    monkeypatch.setattr(bench_sae, "clock", lambda device: timed.append(device) or real(device))
+    args = bench_sae.parse_args(["--d", "8", "--atoms", "8", "--active", "2", "--n-train", "64",
+                                 "--n-val", "16", "--batch-size", "32", "--epochs", "1", "--k", "2",
+                                 "--quiet"])
+    args.seed = 0
+    h, A = bench_sae.planted_dictionary(8, 8, 2, 80, seed=0)
+    bench_sae.train_ours(h[:64], h[64:], A, 2, args)
+    assert timed == [h.device, h.device]

@@ -34,7 +34,7 @@ CPU (default: a small random ViT, ~2 min on a quiet 2-core machine):
     python bench.py --out bench.json
 GPU (open_clip's ViT-B-16 with random weights, no download; batch 128, bf16; memory at batch 64):
     python bench.py --device cuda --model ViT-B-16 --out bench_cuda.json
-    (scripts/bench_gpu.sh runs exactly this and writes to $OUT)
+    (scripts/bench_gpu.sh runs this, into $OUT/bench.json, with the GPU check's python)
 Smoke run (what test_bench.py runs):
     python bench.py --model tiny --batch-size 4 --steps 2 --warmup 1 --mem-steps 2 \
         --sae-d 32 --sae-batch-size 64 --sae-steps 2 --extract-images 8 \

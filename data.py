@@ -452,7 +452,8 @@ def seeded(seed):
             random.setstate(py_state)
 
 
-KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8)
+KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8), in
+                       # the main process alone (the loader's workers read them, copy-on-write)
 
 
 class SeededImages(torch.utils.data.Dataset):
@@ -461,7 +462,11 @@ class SeededImages(torch.utils.data.Dataset):
     Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
     scheduling or where a resumed run restarted — which is what makes resuming exact.
     keep=True (only for a transform without randomness, e.g. no augmentation): each image is
-    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all.
+    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all, in the
+    main process: with loader workers, epoch_loader keeps the images of the batches it hands
+    on (a worker's own copy would die with it at the epoch's end), the next epoch's workers
+    read them (forked: shared copy-on-write), and an epoch whose images are all kept runs
+    without workers.
     skip_bad: an unreadable image gives None, which epoch_loader leaves out of its batch.
     The images are uint8 for an open_clip transform; `self.normalise` finishes a batch
     (TorchImageDataset, split_transform)."""
@@ -482,9 +487,14 @@ class SeededImages(torch.utils.data.Dataset):
             image, label = self.images[i]
         if label == UNREADABLE:
             return None
-        if image.nbytes <= self.room:
-            self.kept[i], self.room = (image, label), self.room - image.nbytes
+        if torch.utils.data.get_worker_info() is None:     # a worker's copy would be lost
+            self.keep(i, image, label)
         return image, label, i
+
+    def keep(self, i, image, label):
+        """Keep image i (3, H, W) for the next epochs, while there is room."""
+        if i not in self.kept and image.nbytes <= self.room:
+            self.kept[i], self.room = (image, label), self.room - image.nbytes
 
 
 def epoch_order(seed, epoch, n):
@@ -509,9 +519,23 @@ def epoch_loader(images, batch_size, seed, epoch, first, count, workers=0, pin_m
     order = perm[first * batch_size * world:count * batch_size * world]
     order = order.view(-1, world, batch_size)[:, rank].reshape(-1)  # (count − first)·B
     keys = [(i, seeds[i]) for i in order.tolist()]
-    return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       collate_fn=_collate_readable)
+    if all(i in images.kept for i, _ in keys):     # decoded once already: no workers to start
+        workers = 0
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         collate_fn=_collate_readable)
+    return _keeping(loader, images) if workers and images.room else loader
+
+
+def _keeping(loader, images):
+    """The loader's batches, each new image kept in this process (SeededImages.keep) as it
+    passes: with workers, the images are decoded in them, and kept here or nowhere."""
+    for batch in loader:
+        if batch is not None:
+            x, y, idx = batch
+            for j, i in enumerate(idx.tolist()):
+                images.keep(i, x[j].clone(), int(y[j]))      # clone: not a view of the batch
+        yield batch
 
 
 def _collate_readable(items):

@@ -322,14 +322,26 @@ class Normalise:
 
     def __init__(self, mean, std):
         self.mean, self.std = tuple(mean), tuple(std)
+        self.constants = {}     # (device, dtype) -> (mean, std) (3, 1, 1), made once each
 
     def __call__(self, x):
         if x.dtype != torch.uint8:
             return x
         x = x.to(dtype=torch.get_default_dtype()).div(255)               # ToTensor
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        mean, std = self.on(x.device, x.dtype)
         return x.sub_(mean).div_(std)                                     # Normalize
+
+    def on(self, device, dtype):
+        """mean and std (3, 1, 1) on `device`, made once per device: made for every batch,
+        each was a copy from host memory that makes the host wait for the GPU (CUDA)."""
+        if (device, dtype) not in self.constants:
+            self.constants[device, dtype] = tuple(
+                torch.as_tensor(v, dtype=dtype, device=device).view(-1, 1, 1)
+                for v in (self.mean, self.std))
+        return self.constants[device, dtype]
+
+    def __getstate__(self):             # a loader worker gets no CUDA tensors (spawn pickles)
+        return {**self.__dict__, "constants": {}}
 
     def __repr__(self):
         return f"Normalise(mean={self.mean}, std={self.std})"
@@ -364,6 +376,21 @@ def normaliser(loader):
     """The Normalise a make_loader / epoch_loader batch needs (as_is for anything else: a list
     of batches already final)."""
     return getattr(getattr(loader, "dataset", None), "normalise", as_is)
+
+
+def take_rows(table, idx, device):
+    """table[idx] on `device`: rows of a CPU table (a cache of embeddings) for a batch.
+
+    CUDA: the rows are gathered into pinned memory and copied without blocking. table[idx] is
+    pageable, and a copy from pageable memory makes the host wait for the GPU, once per
+    micro-batch; the pinned block comes from torch's caching host allocator, which reuses it
+    only once its copy has finished. (Pinning the whole table instead would lock its size in
+    RAM — 2.6 GB for ImageNet at d = 512 — and its gathered rows would be pageable again.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return table[idx].to(device)
+    rows = torch.empty((len(idx), *table.shape[1:]), dtype=table.dtype, pin_memory=True)
+    return torch.index_select(table, 0, idx, out=rows).to(device, non_blocking=True)
 
 
 def to_model(images, device, normalise):

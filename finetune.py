@@ -308,7 +308,7 @@ def zero_shot_target(f0, x, idx, h, h0_cache):
     --cache-zero-shot table, or a frozen forward f0(x); with no f0 (--reg none, R = 0 whatever
     h0 is) the step skips the frozen forward and returns h itself."""
     if h0_cache is not None:
-        return h0_cache[idx].to(h.device)
+        return data.take_rows(h0_cache, idx, h.device)   # pinned, non-blocking on CUDA
     if f0 is None:
         return h.detach()
     with torch.no_grad():

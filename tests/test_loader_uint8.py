@@ -188,3 +188,37 @@ def test_kept_images_are_decoded_once_with_workers(tiny_image_dataset, monkeypat
     monkeypatch.setattr(data, "KEEP_BYTES", 10 * 3 * 32 * 32)
     few = data.SeededImages(ds, ev, keep=True)
     assert [n for _, n in epochs(few, workers=2)] == [64, 54, 54] and len(few.kept) == 10
+
+
+def test_normalise_makes_its_constants_once_per_device(monkeypatch):
+    """Normalise's mean and std are made once per (device, dtype), not for every batch (on CUDA
+    each was a host-to-device copy that makes the host wait), with the same bits as
+    torchvision's ToTensor + Normalize; a pickled copy (a spawned worker's) carries none."""
+    import pickle
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    made, as_tensor = [], torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: made.append(1) or as_tensor(*a, **k))
+    n = data.Normalise(mean, std)
+    x = torch.randint(0, 256, (5, 2, 3, 4, 4), dtype=torch.uint8)
+    out = [n(b) for b in x]
+    assert len(made) == 2 and list(n.constants) == [(torch.device("cpu"), torch.float32)]
+    expect = T.Normalize(mean, std)
+    for b, o in zip(x, out):
+        assert torch.equal(bits(o), bits(torch.stack([expect(T.ToTensor()(
+            b_i.permute(1, 2, 0).numpy())) for b_i in b])))
+    assert pickle.loads(pickle.dumps(n)).constants == {}
+
+
+def test_cache_rows_go_to_a_gpu_through_pinned_memory_without_blocking(monkeypatch):
+    """data.take_rows(table, idx, device): table[idx]; to CUDA (stood in for here) gathered
+    into pinned memory and copied with non_blocking=True, so the host does not wait for the
+    GPU on every micro-batch."""
+    table, idx = torch.randn(10, 4), torch.tensor([7, 2, 2, 9])
+    assert torch.equal(data.take_rows(table, idx, "cpu"), table[idx])
+    calls, empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k:
+                        calls.append(("pinned", pin_memory)) or empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False:
+                        calls.append(("to", str(device), non_blocking)) or self)
+    rows = data.take_rows(table, idx, "cuda:1")
+    assert calls == [("pinned", True), ("to", "cuda:1", True)] and torch.equal(rows, table[idx])

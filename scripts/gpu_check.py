@@ -167,8 +167,8 @@ def parse_args(argv=None):
                    help="the same steps on the CPU: tiny model, 32 px, gloo, 2 processes "
                    "(DRY_RUN=1 also sets it)")
     p.add_argument("--budget", type=float, default=None, help="seconds for all steps together "
-                   "(default: 420 on the GPU, 3000 in the dry run; --full-bench: the bench "
-                   "step's own limit)")
+                   "(default: 420 on the GPU, 3000 in the dry run; --only bench "
+                   "--full-bench: 540)")
     p.add_argument("--only", type=steps_list, default=None, metavar="STEP[,STEP…]",
                    help=f"run these steps (and those they need whose outputs are missing): "
                    f"{', '.join(STEPS)}")

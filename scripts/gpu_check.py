@@ -459,7 +459,10 @@ def run_forked(target, log, timeout, env):
         f.write(f"[gpu_check] forked: {getattr(target, 'what', 'setup')}\n")
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    import warnings
+    with warnings.catch_warnings():     # Python ≥ 3.12 warns on fork() in a process with
+        warnings.simplefilter("ignore", DeprecationWarning)   # threads (torch's); the child
+        pid = os.fork()                                        # only runs its stage
     if pid == 0:                                                  # the child
         code = 1
         try:

@@ -37,7 +37,7 @@ CPU (default: a small random ViT, ~2 min on a quiet 2-core machine):
     python bench.py --out bench.json
 GPU (open_clip's ViT-B-16 with random weights, no download; batch 128, bf16; memory at batch 64):
     python bench.py --device cuda --model ViT-B-16 --out bench_cuda.json
-    (scripts/bench_gpu.sh runs exactly this and writes to $OUT)
+    (scripts/bench_gpu.sh runs this, into $OUT/bench.json, with the GPU check's python)
 Smoke run (what test_bench.py runs):
     python bench.py --model tiny --batch-size 4 --steps 2 --warmup 1 --mem-steps 2 \
         --sae-d 32 --sae-batch-size 64 --sae-steps 2 --extract-images 8 \
@@ -461,7 +461,7 @@ def memory_probe(s):
     """Runs in a spawned process: build the model, run s['steps'] sae-preserve steps, return
     {peak_mb, static_mb, step_ms}. static = before the first step (weights, f0, SAE)."""
     torch.set_num_threads(s["threads"])
-    device = torch.device(s["device"])
+    device = runs.use_device(s["device"], s["bf16"])   # fp32 as finetune.py --no-amp: no TF32
     clf, f0, sae, opt = build(s["model"], s["num_classes"], device, s["seed"], s["expansion"],
                               s["k"], grad_checkpointing=s["ckpt"])
     x, y = make_batch(s["model"], s["batch_size"], s["num_classes"], device, s["seed"])
@@ -535,15 +535,13 @@ def matmul_flops(B, d, n, device, reps):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, d, generator=g).to(device)
     W = torch.randn(n, d, generator=g).to(device)
-    t = median_time(lambda: x @ W.T, device, reps, warmup=2)
+    t = median_time(losses.exact_fp32()(lambda: x @ W.T), device, reps, warmup=2)
     return 2 * B * d * n / t
 
 
 def bench_sae_training(args, device):
     """Samples/s of the SAE step without and with AuxK (some latents dead), and the bound."""
     B, d, n, k = args.sae_batch_size, args.sae_d, args.expansion * args.sae_d, args.k
-    # train_sae.py leaves TF32 off (finetune.py turns it on); match train_sae.py here.
-    torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(args.seed)
     h_train = F.normalize(torch.randn(4 * B, d), dim=-1).to(device)
     flops_s = matmul_flops(B, d, n, device, reps=max(5, args.sae_steps))
@@ -776,7 +774,7 @@ def bench(argv):
     res = {"machine": machine_info(device), "command": "python " + " ".join(sys.argv),
            "settings": {**{k: v for k, v in vars(args).items()}, "amp": amp}}
     t_start = time.time()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # finetune.py
+    runs.use_device(device, amp)                           # as every stage: the TF32 policy
 
     # ---- one model, one batch, every variant
     clf, f0, sae, opt = build(args.model, args.num_classes, device, args.seed, args.expansion,

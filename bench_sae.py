@@ -57,6 +57,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import train_sae  # noqa: E402  (the real training loop and step)
+import runs  # noqa: E402
 from runs import UserError, append_jsonl, read_jsonl  # noqa: E402
 from sae import SAEOutput, TopKSAE  # noqa: E402
 
@@ -154,16 +155,27 @@ def recovery(atoms_learned, A, threshold=0.9):
     return (best > threshold).float().mean().item(), best.mean().item()
 
 
+def clock(device):
+    """time.perf_counter() once every kernel queued on `device` has finished. CUDA runs
+    asynchronously: a timer started without waiting bills the kernels still queued (the data
+    draw, the other trainer's step) to the trainer being timed, and one read without waiting
+    misses the timed step's own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def train_ours(h_train, h_val, A, k, args, echo=print):
     """train_sae.py's SAE, initialisation and fit() on the planted data → its metrics."""
     torch.manual_seed(args.seed)
     sae = TopKSAE(h_train.shape[1], args.expansion * h_train.shape[1], k).to(h_train.device)
     sae.init_from_data(h_train[:65536], args.init)
-    t0 = time.time()
+    t0 = clock(h_train.device)
     report, history = train_sae.fit(sae, h_train, h_val, SimpleNamespace(**{**vars(args), "k": k}),
                                     echo=(lambda *a: None) if args.quiet else echo)
+    wall = clock(h_train.device) - t0
     rec, cos = recovery(sae.W_dec.detach().T.cpu(), A)
-    return {**report, "recovered": rec, "best_cos": cos, "wall_s": time.time() - t0,
+    return {**report, "recovered": rec, "best_cos": cos, "wall_s": wall,
             "ms_per_step": history[-1]["ms_per_step"], "history": history}
 
 
@@ -216,9 +228,9 @@ def train_saelens(h_train, h_val, A, k, args):
         lr=lr, lr_end=lr, lr_scheduler_name="constant", lr_warm_up_steps=warmup,
         lr_decay_steps=decay, device=str(h_train.device), dead_feature_window=per_epoch,
         feature_sampling_window=10 ** 9, logger=LoggingConfig(log_to_wandb=False))
-    t0 = time.time()
+    t0 = clock(h_train.device)
     SAETrainer(cfg=cfg, sae=sae, data_provider=batches()).fit()
-    wall = time.time() - t0
+    wall = clock(h_train.device) - t0
     sae.eval()
     report = train_sae.held_out_report(SAELensAdapter(sae), h_val, args.batch_size,
                                        h_train.mean(0))
@@ -255,12 +267,10 @@ def interleaved_step_ms(h_train, k, dead_fraction, args, rounds=10):
                 ours, opt, batch, since, 10 ** 12, lr=1e-4, step=r, aux_k=args.aux_k,
                 aux_coef=args.aux_coef)),
                 ("SAELens", lambda: trainer.step(batch))):
-            t = time.perf_counter()
+            t = clock(h_train.device)          # the batch draw and the other trainer done
             step()
-            if h_train.is_cuda:
-                torch.cuda.synchronize()
             if r >= 2:
-                times[name].append(1e3 * (time.perf_counter() - t))
+                times[name].append(1e3 * (clock(h_train.device) - t))
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -308,6 +318,7 @@ def main(argv=None):
         require_saelens()                      # before any training, not after ours
     done = finished_runs(args.results, args) if args.results else set()
     torch.set_num_threads(args.threads)
+    runs.use_device(args.device, amp=False)    # IEEE fp32, as train_sae.py trains the SAE
     h, A = planted_dictionary(args.d, args.atoms, args.active, args.n_train + args.n_val,
                               args.zipf, args.noise, args.data_seed)
     h = h.to(args.device)

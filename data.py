@@ -324,14 +324,26 @@ class Normalise:
 
     def __init__(self, mean, std):
         self.mean, self.std = tuple(mean), tuple(std)
+        self.constants = {}     # (device, dtype) -> (mean, std) (3, 1, 1), made once each
 
     def __call__(self, x):
         if x.dtype != torch.uint8:
             return x
         x = x.to(dtype=torch.get_default_dtype()).div(255)               # ToTensor
-        mean = torch.as_tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        mean, std = self.on(x.device, x.dtype)
         return x.sub_(mean).div_(std)                                     # Normalize
+
+    def on(self, device, dtype):
+        """mean and std (3, 1, 1) on `device`, made once per device: made for every batch,
+        each was a copy from host memory that makes the host wait for the GPU (CUDA)."""
+        if (device, dtype) not in self.constants:
+            self.constants[device, dtype] = tuple(
+                torch.as_tensor(v, dtype=dtype, device=device).view(-1, 1, 1)
+                for v in (self.mean, self.std))
+        return self.constants[device, dtype]
+
+    def __getstate__(self):             # a loader worker gets no CUDA tensors (spawn pickles)
+        return {**self.__dict__, "constants": {}}
 
     def __repr__(self):
         return f"Normalise(mean={self.mean}, std={self.std})"
@@ -366,6 +378,21 @@ def normaliser(loader):
     """The Normalise a make_loader / epoch_loader / SetBatches batch needs (as_is for anything
     else: a list of batches already final)."""
     return getattr(getattr(loader, "dataset", None), "normalise", as_is)
+
+
+def take_rows(table, idx, device):
+    """table[idx] on `device`: rows of a CPU table (a cache of embeddings) for a batch.
+
+    CUDA: the rows are gathered into pinned memory and copied without blocking. table[idx] is
+    pageable, and a copy from pageable memory makes the host wait for the GPU, once per
+    micro-batch; the pinned block comes from torch's caching host allocator, which reuses it
+    only once its copy has finished. (Pinning the whole table instead would lock its size in
+    RAM — 2.6 GB for ImageNet at d = 512 — and its gathered rows would be pageable again.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return table[idx].to(device)
+    rows = torch.empty((len(idx), *table.shape[1:]), dtype=table.dtype, pin_memory=True)
+    return torch.index_select(table, 0, idx, out=rows).to(device, non_blocking=True)
 
 
 def to_model(images, device, normalise):
@@ -480,7 +507,8 @@ def seeded(seed):
             random.setstate(py_state)
 
 
-KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8)
+KEEP_BYTES = 2 ** 29   # transformed images kept in memory, per dataset (512 MiB; uint8), in
+                       # the main process alone (the loader's workers read them, copy-on-write)
 
 
 class SeededImages(torch.utils.data.Dataset):
@@ -489,7 +517,11 @@ class SeededImages(torch.utils.data.Dataset):
     Every crop is then fixed by (run seed, epoch, i) alone — not by worker count, worker
     scheduling or where a resumed run restarted — which is what makes resuming exact.
     keep=True (only for a transform without randomness, e.g. no augmentation): each image is
-    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all.
+    decoded and transformed once and kept for the next epochs, up to KEEP_BYTES in all, in the
+    main process: with loader workers, epoch_loader keeps the images of the batches it hands
+    on (a worker's own copy would die with it at the epoch's end), the next epoch's workers
+    read them (forked: shared copy-on-write), and an epoch whose images are all kept runs
+    without workers.
     skip_bad: an unreadable image gives None, which epoch_loader leaves out of its batch.
     The images are uint8 for an open_clip transform; `self.normalise` finishes a batch
     (TorchImageDataset, split_transform)."""
@@ -510,9 +542,14 @@ class SeededImages(torch.utils.data.Dataset):
             image, label = self.images[i]
         if label == UNREADABLE:
             return None
-        if image.nbytes <= self.room:
-            self.kept[i], self.room = (image, label), self.room - image.nbytes
+        if torch.utils.data.get_worker_info() is None:     # a worker's copy would be lost
+            self.keep(i, image, label)
         return image, label, i
+
+    def keep(self, i, image, label):
+        """Keep image i (3, H, W) for the next epochs, while there is room."""
+        if i not in self.kept and image.nbytes <= self.room:
+            self.kept[i], self.room = (image, label), self.room - image.nbytes
 
 
 def epoch_order(seed, epoch, n):
@@ -539,9 +576,23 @@ def epoch_loader(images, batch_size, seed, epoch, start=0, stop=None, *, workers
     order = perm[start * batch_size * world:stop * batch_size * world]
     order = order.view(-1, world, batch_size)[:, rank].reshape(-1)  # (stop − start)·B
     keys = [(i, seeds[i]) for i in order.tolist()]
-    return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       collate_fn=_collate_readable)
+    if all(i in images.kept for i, _ in keys):     # decoded once already: no workers to start
+        workers = 0
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=keys,
+                                         num_workers=workers, pin_memory=pin_memory,
+                                         collate_fn=_collate_readable)
+    return _keeping(loader, images) if workers and images.room else loader
+
+
+def _keeping(loader, images):
+    """The loader's batches, each new image kept in this process (SeededImages.keep) as it
+    passes: with workers, the images are decoded in them, and kept here or nowhere."""
+    for batch in loader:
+        if batch is not None:
+            x, y, idx = batch
+            for j, i in enumerate(idx.tolist()):
+                images.keep(i, x[j].clone(), int(y[j]))      # clone: not a view of the batch
+        yield batch
 
 
 def _collate_readable(items):

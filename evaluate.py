@@ -411,6 +411,7 @@ def evaluate(args):
     ft_runs, alphas, specs, theta0 = read_settings(args)   # before any model or image
     # ---- torchrun: every process embeds its share of each set; rank 0 scores and writes
     args.device = runs.dist_init(args.device)
+    runs.use_device(args.device, args.amp)    # this GPU; the precision policy (TF32)
     rank0 = runs.is_main()
     sae, sae_cfg = (models.load_frozen_sae(args.sae, args.device, theta0.model,
                                            theta0.pretrained, theta0.quick_gelu)

@@ -261,7 +261,7 @@ class Frozen(NamedTuple):
         blocks=True (--reg ldifs): (h0, f0's features at every block), from one frozen forward
         (models.tower_features)."""
         if self.h0_cache is not None:
-            return (self.h0_cache[idx].to(h.device),)
+            return (data.take_rows(self.h0_cache, idx, h.device),)  # pinned, non-blocking
         if self.f0 is None:
             return (h.detach(),)
         with torch.no_grad():
@@ -442,14 +442,11 @@ def train(args):
     args.device = runs.dist_init(args.device)   # torchrun: W processes; a plain run is 1 of 1
     ckpt = runs.resumable_checkpoint(args, (models.WEIGHT_FILE, runs.CHECKPOINT), RESUMABLE)
     runs.seed_all(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    runs.use_device(args.device, args.amp)       # this GPU; the precision policy (TF32)
 
     # ---- setup: the frozen SAE first (a wrong --sae fails before anything slow), the train
     # split and its schedule, fθ and the frozen f0, the zero-shot targets, the probe set
-    sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
-                                 args.force_quick_gelu)[0] if args.sae else None
-    basis = models.load_frozen_basis(args.basis, args.device, args.model, args.pretrained,
-                                     args.force_quick_gelu)[0] if args.reg == "pca" else None
+    sae, basis = frozen_references(args)
     dictionary = sae if basis is None else basis    # what R reads (the probe reads the SAE)
     dataset, classnames, templates = train_split(args)
     steps_per_epoch, total_steps, stop = schedule(len(dataset), args)
@@ -504,6 +501,17 @@ def train(args):
 # ============================================================================================
 # Setup and bookkeeping
 # ============================================================================================
+
+def frozen_references(args):
+    """(SAE, PCA basis), each None when unused: the frozen zero-shot SAE of --sae (the probe;
+    R of sae-*) and, with --reg pca, the PCA basis of --basis that R reads in the SAE's place.
+    Both are checked against --model as they load."""
+    sae = models.load_frozen_sae(args.sae, args.device, args.model, args.pretrained,
+                                 args.force_quick_gelu)[0] if args.sae else None
+    basis = models.load_frozen_basis(args.basis, args.device, args.model, args.pretrained,
+                                     args.force_quick_gelu)[0] if args.reg == "pca" else None
+    return sae, basis
+
 
 def train_split(args):
     """(dataset, class names, templates) of --train-data."""

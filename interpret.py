@@ -626,6 +626,7 @@ def write_report(out, info, ranking, probes):
 # ============================================================================================
 
 def report(args):
+    runs.use_device(args.device, args.amp)       # this GPU; the precision policy (TF32)
     # ---- settings: the run and its zero-shot model (fail fast, before anything slow)
     config = runs.read_run(args.run).config
     model_name, pretrained, quick = zero_shot_identity(args, config)

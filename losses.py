@@ -15,10 +15,38 @@ n = number of SAE latents (dictionary atoms).
 Reductions are means over all elements (as in the authors' code) so their weights carry over.
 Nothing here owns parameters: the SAE module (`sae.py`) and the stages call these functions.
 """
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
+
+# --------------------------------------------------------------------------------------------
+# Precision: the SAE and the losses in IEEE fp32, in every stage (runs.set_precision: the policy)
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """IEEE fp32 inside the block (also a decorator), whatever the stage set outside: autocast
+    off on every device type where it is on, and TF32 off for cuBLAS matmuls and cuDNN
+    convolutions; the caller's settings are restored after. The SAE (encode, Top-k, decode),
+    the regulariser and AuxK run in it, so a feature's support is the same in every stage
+    (runs.set_precision: the policy). On a CPU only the autocast part changes anything; the
+    TF32 switches matter on CUDA alone. Autograd's backward of the block runs later, under the
+    stage's own setting."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cuda", "cpu", "mps"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        matmul.fp32_precision = conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
+
 
 # --------------------------------------------------------------------------------------------
 # Top-k SAE (§3; Gao et al. 2024). The encoder math lives here, not in sae.py, so the
@@ -27,6 +55,7 @@ import torch.nn.functional as F
 # --------------------------------------------------------------------------------------------
 
 
+@exact_fp32()
 def topk_encode(x, W_enc, b_enc, b_dec, k, normalise=True):
     """z = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)), with x̂ = x / ||x||.
 
@@ -65,6 +94,7 @@ def fvu(x, x_hat):
     return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
 
 
+@exact_fp32()
 def auxk_reconstruction(pre, dead, W_dec, k_aux):
     """ê = W_dec · ReLU(TopK_{k_aux}(pre restricted to dead latents))  (Gao et al. 2024, AuxK).
 
@@ -191,6 +221,7 @@ WEIGHTS = {"lam": 1000.0, "mu": 1.0, "lam_mask": 1.0, "lam_l1": 1e-4, "lam_remov
 AUTHORS_WEIGHTS = {"lam": 70.0, "mu": 1.0, "lam_mask": 10.0, "lam_l1": 1e-3, "lam_remove": 0.02}
 
 
+@exact_fp32()
 def regulariser(name, h, h0, sae=None, lam=WEIGHTS["lam"], mu=WEIGHTS["mu"],
                 lam_l1=WEIGHTS["lam_l1"], lam_mask=WEIGHTS["lam_mask"],
                 lam_remove=WEIGHTS["lam_remove"], space="unit", feats=None, feats0=None):

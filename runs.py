@@ -6,6 +6,7 @@ the same way, so a reader of a stage file meets the method first and this plumbi
     UserError, HelpFormatter, cli      one error class, one --help style, one `error: …` exit
     check_ranges, check_device         numeric flags and --device, checked before any work
     add_amp_flag, resolve_amp          --amp / --no-amp: bf16 autocast on any device (auto: CUDA)
+    use_device, set_precision          the process's GPU and the one precision policy (TF32)
     check_writable                     an output path can be written, checked before any work
     reading, read_text, load_json,     every file a user points to, read through one guard
     check_safetensors, load_safetensors
@@ -21,8 +22,8 @@ the same way, so a reader of a stage file meets the method first and this plumbi
                                        skipped images, rank gate): resume, log / probe /
                                        checkpoint after a step, a clean stop at a bad image
     read_run, Run                      a finetune.py output folder and what its config says
-    dist_init, is_main, shard_range,   several processes (torchrun): join / leave, rank 0 writes,
-    gather_rows, sum_over_ranks, …     each rank its share of the images, results gathered
+    dist_init, dist_backend, is_main,  several processes (torchrun): join / leave, rank 0 writes,
+    shard_range, gather_rows, …        each rank its share of the images, results gathered
     Progress, progress                 a tqdm bar on a terminal, plain periodic lines in a log
 
 Exact resume also needs a data order that is a pure function of (seed, epoch): that lives with
@@ -176,6 +177,44 @@ def resolve_amp(amp, device):
     """The --amp a run uses: as given, else on for CUDA only (bf16 autocast is fast on GPUs;
     on most CPUs it is slower than fp32, and it changes results, so CPU asks for it)."""
     return str(device).startswith("cuda") if amp is None else bool(amp)
+
+
+def use_device(device, amp):
+    """Make `device` this process's device and set the precision policy; returns it as a
+    torch.device. Every stage and benchmark calls this once, as soon as its device (after
+    dist_init) and its --amp are known.
+
+    --device cuda:N needs torch.cuda.set_device(N) (CUDA only): tensors moved with .to("cuda:N")
+    go to GPU N without it, but CUDA's *current* device stays GPU 0, so
+    torch.cuda.max_memory_allocated() (summary.json, gpu_check) reads GPU 0 (≈ 0 MB) and the
+    DataLoader's pin-memory thread opens a context (hundreds of MB) on GPU 0 as well."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev)
+    set_precision(amp)
+    return dev
+
+
+def set_precision(amp):
+    """The precision policy, one rule for every stage and benchmark
+    (docs/reproduce.md: "Precision and memory"):
+
+        --amp     the towers (and heads) run under bf16 autocast, in the stages' own autocast
+                  blocks; what is left in fp32 around them (ops autocast keeps in fp32, the
+                  backward of the fp32 losses) may use TF32 matmuls and convolutions (CUDA)
+        --no-amp  fp32 throughout: TF32 off, so `--no-amp` on a GPU is IEEE fp32, as on a CPU
+        always    the SAE (encode, Top-k, decode), the losses and the metrics run in IEEE fp32
+                  inside losses.exact_fp32 (autocast and TF32 off), so the support a feature is
+                  judged by is the same in training, the regulariser, the probe, the
+                  evaluation and the report, whatever --amp says
+
+    TF32 (CUDA, Ampere and later) keeps 10 mantissa bits of fp32's 23: a Top-k choice between
+    near-tied pre-activations can flip under it, which is why the SAE never sees it. Set through
+    the per-backend `fp32_precision` switches (torch ≥ 2.9); the older `allow_tf32` flags are
+    never set in this project: torch refuses to report the setting once the two are mixed."""
+    mode = "tf32" if amp else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode           # cuBLAS: Linear, matmul
+    torch.backends.cudnn.conv.fp32_precision = mode            # cuDNN: Conv2d (ResNet towers)
 
 
 def check_writable(path, flag, folder):
@@ -422,18 +461,27 @@ def seed_all(seed):
 
 
 def rng_state():
-    """Every RNG a run touches (numpy's as a tensor, so the checkpoint loads with weights_only)."""
+    """Every RNG a run touches (numpy's as a tensor, so the checkpoint loads with weights_only).
+
+    CUDA: the generator of this process's own GPU alone (the current device: use_device and
+    dist_init make it the run's), as a list of one; none when the run never touched CUDA.
+    Saving every visible GPU's (get_rng_state_all) opened a context on each of them, and tied
+    the checkpoint to their number: a resume where fewer were visible failed."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
 
 
 def set_rng_state(s):
+    """Restore rng_state(s); the saved CUDA state goes to this process's own GPU, however many
+    GPUs are visible now. Checkpoints written before held one state per visible GPU: the one
+    at the current device's index is taken (the first, if there are fewer)."""
     random.setstate(s["python"])
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s["cuda"] and torch.cuda.is_initialized():
+        own = torch.cuda.current_device()
+        torch.cuda.set_rng_state(s["cuda"][own] if own < len(s["cuda"]) else s["cuda"][0])
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
@@ -675,26 +723,45 @@ def is_main():
     return rank() == 0
 
 
+# The process group's backend when it is not the default (NCCL on GPUs, gloo on the CPU).
+BACKEND_ENV = "SAE_FT_DIST_BACKEND"
+
+
+def dist_backend(device):
+    """nccl or gloo: $SAE_FT_DIST_BACKEND if set, else NCCL for a CUDA device, gloo otherwise.
+
+    gloo on GPUs lets several processes share one GPU (NCCL refuses two ranks on one device),
+    at a slower all-reduce: scripts/gpu_check.py runs DDP, no_sync and the gathers on CUDA
+    tensors that way on a machine with a single GPU."""
+    cuda = str(device).startswith("cuda")
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if cuda else "gloo")
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and not cuda):
+        raise UserError(f"{BACKEND_ENV}={backend}: use gloo, or nccl with a CUDA --device")
+    return backend
+
+
 def dist_init(device):
     """Join torchrun's process group (a no-op in a plain run, or when already joined).
 
-    Returns the device this process uses: cuda:LOCAL_RANK under torchrun on GPUs (backend NCCL),
-    else `device` (CPU: backend gloo)."""
+    Returns the device this process uses: under torchrun on GPUs cuda:LOCAL_RANK, or with gloo
+    and more processes than GPUs cuda:(LOCAL_RANK mod GPUs); else `device`. The backend:
+    dist_backend."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return device
     cuda = str(device).startswith("cuda")
+    backend = dist_backend(device)
     if cuda:
-        local = int(os.environ["LOCAL_RANK"])
-        if local >= torch.cuda.device_count():
-            raise UserError(f"torchrun started process {local} on a machine with "
-                            f"{torch.cuda.device_count()} visible GPU(s): start at most one per "
-                            "GPU (--nproc_per_node), or pass --device cpu")
-        device = f"cuda:{local}"
+        local, gpus = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= gpus and backend == "nccl":
+            raise UserError(f"torchrun started process {local} on a machine with {gpus} "
+                            "visible GPU(s): start at most one per GPU (--nproc_per_node), "
+                            f"pass --device cpu, or share the GPUs with {BACKEND_ENV}=gloo")
+        device = f"cuda:{local % gpus}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=DIST_TIMEOUT)
+            dist.init_process_group(backend, timeout=DIST_TIMEOUT)
         except Exception as e:  # the store / rendezvous timed out: some process never arrived
             raise UserError(f"could not join the other {world - 1} process(es): {e}") from e
     return device

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from runs import atomic_write, load_json, load_safetensors, reading  # guarded, atomic files
-from losses import at_least_fp32, linear_encode, topk_encode
+from losses import at_least_fp32, exact_fp32, linear_encode, topk_encode
 
 WEIGHTS, CONFIG = "sae.safetensors", "sae_config.json"
 PCA_WEIGHTS, PCA_CONFIG = "pca.safetensors", "pca_config.json"
@@ -61,10 +61,12 @@ class TopKSAE(nn.Module):
         self._check_width(h)
         return topk_encode(at_least_fp32(h), self.W_enc, self.b_enc, self.b_dec, self.k)[0]
 
+    @exact_fp32()                 # as encode (topk_encode): IEEE fp32 in every stage
     def decode(self, z):
         """z (B, n) → x̃ (B, d), in the unit-norm space the SAE was trained in."""
         return z @ self.W_dec.T + self.b_dec
 
+    @exact_fp32()
     def forward(self, h):
         self._check_width(h)
         x = F.normalize(at_least_fp32(h), dim=-1)

@@ -188,6 +188,7 @@ def sae_loss(sae, x, dead, aux_k=256, aux_coef=1 / 32):
     return SAELoss(fvu + aux_coef * auxk, fvu, auxk, out.z)
 
 
+@losses.exact_fp32()        # its backward too: the SAE trains in IEEE fp32 whatever --amp
 def sae_step(sae, opt, batch, since_fired, dead_samples, lr, step, aux_k=256, aux_coef=1 / 32,
              clip=1.0):
     """One SAE optimisation step on a batch of embeddings (B, d): sae_loss, with the latents
@@ -560,6 +561,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     args.device = runs.dist_init(args.device)     # torchrun: each process embeds its share
+    runs.use_device(args.device, args.amp)        # this GPU; the precision policy (TF32)
     with runs.hold_if_main(args.out):             # one run per --out at a time (rank 0 holds it)
         if runs.is_main():
             runs.check_out(args.out, PCA_FILES if args.basis == "pca" else OUT_FILES,

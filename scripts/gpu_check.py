@@ -1,8 +1,9 @@
 """One command for the first GPU: every stage on a random-weight ViT-B/16 and generated images.
 
     OUT=/some/dir bash scripts/gpu_check.sh              # a GPU machine, no internet needed
+    OUT=/some/dir bash scripts/gpu_check.sh --only ft_l2 # re-run one step (and what it lacks)
     DRY_RUN=1 OUT=/tmp/gpu_check bash scripts/gpu_check.sh   # the same steps on the CPU (≈1 min)
-    (or: python scripts/gpu_check.py --out DIR [--dry-run])
+    (or: python scripts/gpu_check.py --out DIR [--dry-run] [--only STEP,…] [--full-bench])
 
 The steps, each stage in its own process(es) with its own timeout; a failed step is recorded
 and the next one runs all the same:
@@ -14,16 +15,24 @@ and the next one runs all the same:
                 per step (--accum-steps 2), probes
     ft_l2       finetune.py --reg l2 --no-augment --cache-zero-shot (reuses train_sae's bf16
                 embeddings from the cache), bf16, --grad-checkpointing
-    torchrun    torchrun --nproc_per_node=<GPUs>: an NCCL all-reduce over the processes (gloo
-                in the dry run), then finetune.py --reg sae-preserve in them (with one GPU,
-                finetune.py runs as a plain process: it joins a process group only for two)
+    torchrun    torchrun on loopback (127.0.0.1: no host-name lookup, which hangs on a machine
+                whose name does not resolve), one process per GPU and at least two: with one
+                GPU both share it through gloo (runs.dist_backend: NCCL refuses two ranks on
+                one GPU), so DDP, no_sync and the gathers run on CUDA tensors; an all-reduce
+                over the processes, then finetune.py --reg sae-preserve in them
     evaluate    evaluate.py: zero-shot, both runs, WiSE-FT α ∈ {0, 0.5, 1}, ID + OOD set, figure
     interpret   interpret.py report on the sae-preserve run
-    bench       bench.py --device cuda --model ViT-B-16 (scripts/bench_gpu.sh's command)
-All together stay under --budget seconds (470: under 8 minutes); a step that would outlast it
-is cut short and marked "timeout". The dry run starts each single-process stage as a fork of
-this process (torch imported once, see run_forked), the GPU check as a fresh interpreter; the
-command lines are the same.
+    bench       bench.py --device cuda --model ViT-B-16, trimmed: 10 timed steps, the bf16 memory
+                probes only, 1024 extracted images (--full-bench: bench.py's own CUDA defaults,
+                what scripts/bench_gpu.sh runs)
+All together stay under --budget seconds (420: 7 minutes, inside a 10-minute command with the
+wheels' install); a step that would outlast it is cut short and marked "timeout". The dry run
+starts each single-process stage as a fork of this process (torch imported once, see
+run_forked), the GPU check as a fresh interpreter; the command lines are the same.
+
+--only STEP[,STEP…] runs those steps alone, and before them each step they need whose outputs
+are missing from --work (NEEDS); each step first removes the outputs it makes (OWNS). The
+summary in --out keeps the other steps' rows from the last run there.
 
 Writes into --out (at most 4 files, so that all of them come back from a remote machine):
     gpu_check.json   every step: status (pass / fail / timeout), wall time, images and
@@ -33,7 +42,8 @@ Writes into --out (at most 4 files, so that all of them come back from a remote 
     gpu_check.md     the same as tables
     bench.json       bench.py's full output
     logs.tar.gz      every step's log (logs/<step>.log; also left in --work)
-The models, data and runs go to --work (default: a temporary folder), not --out.
+The models, data and runs go to --work (default: a folder in the temporary directory named
+after --out, so that --only finds the last run's outputs), not --out.
 Exit status 0 when every step passed.
 """
 import argparse
@@ -42,6 +52,7 @@ import math
 import os
 import resource
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,11 +83,17 @@ SETTINGS = {
         "torchrun_max_steps": 6,
         "eval_batch_size": 256,
         "sae": ["--expansion", "4", "--k", "32", "--epochs", "20", "--batch-size", "256"],
-        "bench": ["--device", "cuda", "--model", "ViT-B-16", "--amp"],
-        "budget_s": 470,
+        # trimmed for a first check: bench.py's CUDA defaults add the fp32 memory probes (a
+        # fresh process each) and 4096 extracted images (--full-bench runs those)
+        "bench": ["--device", "cuda", "--model", "ViT-B-16", "--amp", "--steps", "10",
+                  "--warmup", "3", "--mem-configs", "bf16,bf16+ckpt", "--mem-steps", "2",
+                  "--sae-steps", "20", "--extract-images", "1024"],
+        "full_bench": ["--device", "cuda", "--model", "ViT-B-16", "--amp"],
+        "budget_s": 420,
         # per-step limits (a hang ends there; all of them together are capped by the budget)
-        "timeout_s": {"train_sae": 120, "ft_sae_preserve": 150, "ft_l2": 120,
-                      "torchrun": 150, "evaluate": 120, "interpret": 120, "bench": 300},
+        "timeout_s": {"train_sae": 90, "ft_sae_preserve": 100, "ft_l2": 80, "torchrun": 120,
+                      "evaluate": 90, "interpret": 90, "bench": 180},
+        "full_bench_timeout_s": 540,
     },
     "dry-run": {
         "model": TINY_CFG,
@@ -93,6 +110,11 @@ SETTINGS = {
                   "--steps", "2", "--warmup", "1", "--no-memory", "--sae-d", "32",
                   "--sae-batch-size", "64", "--sae-steps", "2", "--extract-images", "8",
                   "--extract-batch-size", "4", "--threads", "1"],
+        "full_bench": ["--device", "cpu", "--model", "tiny", "--amp", "--batch-size", "4",
+                       "--steps", "2", "--warmup", "1", "--mem-steps", "2", "--sae-d", "32",
+                       "--sae-batch-size", "64", "--sae-steps", "2", "--extract-images", "8",
+                       "--extract-batch-size", "4", "--threads", "1"],
+        "full_bench_timeout_s": 600,
         # not a time check: limits far above the ≈1 minute it takes, so that a busy machine
         # never fails it; a hang still ends
         "budget_s": 3000,
@@ -110,18 +132,49 @@ PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073],       # OpenAI CLIP's
 TAIL_LINES = 25        # of a failed step's log, kept in the summary
 
 
+STEPS = ("setup", "train_sae", "ft_sae_preserve", "ft_l2", "torchrun", "evaluate", "interpret",
+         "bench")
+# What each step reads from the ones before it (--only runs those whose outputs are missing).
+NEEDS = {"setup": (), "train_sae": ("setup",), "ft_sae_preserve": ("train_sae",),
+         "ft_l2": ("train_sae",), "torchrun": ("train_sae",),
+         "evaluate": ("ft_sae_preserve", "ft_l2"), "interpret": ("ft_sae_preserve",),
+         "bench": ()}
+# What each step writes into --work, removed before it runs (a re-run starts clean; train_sae
+# owns the embedding cache, so that a re-run extracts again and ft_l2 reads the new one).
+OWNS = {"setup": ("model", "data", "hf_datasets"), "train_sae": ("sae", "cache"),
+        "ft_sae_preserve": ("runs/sae-preserve",), "ft_l2": ("runs/l2",),
+        "torchrun": ("runs/torchrun",), "evaluate": ("results.jsonl", "wise_ft.png"),
+        "interpret": ("report", "interpret.jsonl"), "bench": ()}
+
+
+def steps_list(text):
+    names = [t for t in text.split(",") if t]
+    unknown = [t for t in names if t not in STEPS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{','.join(unknown) or repr(text)} is not a step; "
+                                         f"the steps: {', '.join(STEPS)}")
+    return names
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_check_out"),
                    help="summary folder ($OUT when set)")
-    p.add_argument("--work", default=None, help="models, data, runs and logs (default: a new "
-                   "temporary folder)")
+    p.add_argument("--work", default=None, help="models, data, runs and logs (default: "
+                   "gpu_check_work_<hash of --out> in the temporary directory)")
     p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN") == "1",
                    help="the same steps on the CPU: tiny model, 32 px, gloo, 2 processes "
                    "(DRY_RUN=1 also sets it)")
     p.add_argument("--budget", type=float, default=None, help="seconds for all steps together "
-                   "(default: 470 on the GPU, 3000 in the dry run)")
+                   "(default: 420 on the GPU, 3000 in the dry run; --only bench "
+                   "--full-bench: 540)")
+    p.add_argument("--only", type=steps_list, default=None, metavar="STEP[,STEP…]",
+                   help=f"run these steps (and those they need whose outputs are missing): "
+                   f"{', '.join(STEPS)}")
+    p.add_argument("--full-bench", action="store_true", help="the bench step with bench.py's "
+                   "own CUDA defaults (fp32 memory probes, 4096 extracted images; a few "
+                   "minutes): `--only bench --full-bench` is scripts/bench_gpu.sh")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers per process "
                    "(default: min(8, CPU cores) on the GPU, 0 in the dry run)")
     return p.parse_args(argv)
@@ -218,12 +271,19 @@ def gpu_count():
         return 0
 
 
-def plan(work, out, settings, workers, nproc):
-    """[(name, command, images it processes or None)] in the order they run."""
+def plan(work, out, settings, workers, nproc, gpus=None, full_bench=False):
+    """[(name, command, images it processes or None)] in the order they run. `gpus`: the GPUs
+    visible (fewer than nproc: the torchrun processes share them through gloo)."""
     me = [sys.executable, str(Path(__file__).resolve())]
     in_proc = lambda script: [*me, "_stage", str(ROOT / script)]       # noqa: E731
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={nproc}"]
+    # Rendezvous on loopback: --standalone announces the machine's host name (socket.getfqdn)
+    # to the processes, and where that name does not resolve (no DNS, no /etc/hosts entry)
+    # they never meet; one node needs no network at all.
+    shared = settings["device"] == "cuda" and gpus is not None and gpus < nproc
+    torchrun = [*(["env", "SAE_FT_DIST_BACKEND=gloo"] if shared else []),   # runs.BACKEND_ENV
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id",
+                "gpu_check", "--local-addr", "127.0.0.1", f"--nproc_per_node={nproc}"]
     model, data_, sae = f"local-dir:{work / 'model'}", str(work / "data"), str(work / "sae")
     dev, n = settings["device"], settings["splits"]
     common = ["--device", dev, "--amp"]
@@ -267,7 +327,7 @@ def plan(work, out, settings, workers, nproc):
                        "--batch-size", str(settings["eval_batch_size"]),
                        "--workers", str(workers), *common, "--out", str(work / "report"),
                        "--results", str(work / "interpret.jsonl")], 2 * n["test"]),
-        ("bench", [*in_proc("bench.py"), *settings["bench"],
+        ("bench", [*in_proc("bench.py"), *settings["full_bench" if full_bench else "bench"],
                    "--workers", str(workers), "--out", str(out / "bench.json")], None),
     ]
 
@@ -286,8 +346,9 @@ def check_outputs(name, work, out, row, settings):
     problems = []
     try:
         if name == "setup":
-            if not (work / "model" / "open_clip_model.safetensors").is_file():
-                problems.append("no model written")
+            if not (work / "model" / "open_clip_model.safetensors").is_file() or \
+                    not (work / "data" / "dataset_dict.json").is_file():
+                problems.append("no model or no dataset written")
         elif name == "train_sae":
             m = json.loads((work / "sae" / "metrics.json").read_text())
             cfg = json.loads((work / "sae" / "sae_config.json").read_text())
@@ -398,7 +459,10 @@ def run_forked(target, log, timeout, env):
         f.write(f"[gpu_check] forked: {getattr(target, 'what', 'setup')}\n")
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    import warnings
+    with warnings.catch_warnings():     # Python ≥ 3.12 warns on fork() in a process with
+        warnings.simplefilter("ignore", DeprecationWarning)   # threads (torch's); the child
+        pid = os.fork()                                        # only runs its stage
     if pid == 0:                                                  # the child
         code = 1
         try:
@@ -487,26 +551,42 @@ def machine():
 def check(args):
     mode = "dry-run" if args.dry_run else "gpu"
     settings = SETTINGS[mode]
-    budget = args.budget or settings["budget_s"]
+    budget = args.budget or (settings["full_bench_timeout_s"] if args.full_bench and
+                             args.only == ["bench"] else settings["budget_s"])
+    if args.full_bench:
+        settings = dict(settings, timeout_s=dict(settings["timeout_s"],
+                                                 bench=settings["full_bench_timeout_s"]))
     workers = args.workers if args.workers is not None else (
         0 if args.dry_run else min(8, os.cpu_count() or 1))
-    nproc = 2 if args.dry_run else max(1, gpu_count())
+    gpus = None if args.dry_run else gpu_count()
+    nproc = 2 if args.dry_run else max(2, gpus)     # at least two: DDP must run (shared GPU)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_check_"))
+    work = Path(args.work or default_work(out))
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
                PYTHONUNBUFFERED="1", HF_DATASETS_CACHE=str(work / "hf_datasets"),
-               GPU_CHECK_PEAK_DIR="")
+               GPU_CHECK_PEAK_DIR="",
+               # gloo binds to the address the host name resolves to, unless told: one node
+               # needs loopback alone (see plan: the rendezvous)
+               GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    steps = plan(work, out, settings, workers, nproc, gpus, args.full_bench)
+    chosen = selected([name for name, _, _ in steps], args.only,
+                      lambda name: not check_outputs(name, work, out, {}, settings))
     summary = {"mode": mode, "budget_s": budget, "work": str(work), "nproc": nproc,
-               "workers": workers, "machine": machine(), "steps": []}
-    print(f"gpu_check ({mode}): {len(plan(work, out, settings, workers, nproc))} steps, "
-          f"budget {budget:.0f} s, work in {work}", flush=True)
+               "workers": workers, "machine": machine(), "only": chosen if args.only else None,
+               "steps": []}
+    extra = sorted(set(chosen) - set(args.only or chosen), key=chosen.index)
+    print(f"gpu_check ({mode}): {len(chosen)} of {len(steps)} steps, budget {budget:.0f} s, "
+          f"work in {work}" + (f" (also {', '.join(extra)}: --only's steps need their "
+                              "outputs)" if extra else ""), flush=True)
     if args.dry_run:
         preload()
     start = time.time()
-    for name, cmd, images in plan(work, out, settings, workers, nproc):
+    for name, cmd, images in steps:
+        if name not in chosen:
+            continue
         left = budget - (time.time() - start)
         row = {"name": name, "log": f"logs/{name}.log"}
         if left < 5:
@@ -514,8 +594,12 @@ def check(args):
             summary["steps"].append(row)
             print(f"  {name:16s} timeout (no time left)", flush=True)
             continue
+        for owned in OWNS.get(name, ()):                    # a re-run starts clean
+            path = work / owned
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         step_dir = work / "peaks" / name
-        step_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(step_dir, ignore_errors=True)
+        step_dir.mkdir(parents=True)
         env["GPU_CHECK_PEAK_DIR"] = str(step_dir)
         timeout = min(settings["timeout_s"].get(name, left), left)
         if args.dry_run and (callable(cmd) or cmd[2:3] == ["_stage"]):
@@ -540,6 +624,9 @@ def check(args):
         summary["steps"].append(row)
         print(f"  {name:16s} {row['status']:7s} {wall:6.1f} s", flush=True)
     summary["wall_s"] = time.time() - start
+    if args.only:                           # the other steps' rows from the last run here
+        summary["steps"] = merged_rows(out / "gpu_check.json", mode, summary["steps"],
+                                       [name for name, _, _ in steps])
     summary["all_passed"] = all(r["status"] == "pass" for r in summary["steps"])
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
     (out / "gpu_check.md").write_text(markdown(summary))
@@ -549,6 +636,44 @@ def check(args):
     return 0 if summary["all_passed"] else 1
 
 
+def default_work(out):
+    """The work folder of an --out: the same one every time (so that --only finds the last run's
+    outputs), another for another --out (two checks at once never share one)."""
+    import hashlib
+    tag = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"gpu_check_work_{tag}"
+
+
+def selected(names, only, done):
+    """The steps to run, in plan order: all of `names`, or those in `only` and, before them,
+    every step they need (NEEDS, transitively) whose outputs are not there (done(name) False)."""
+    if not only:
+        return list(names)
+    chosen = set()
+
+    def add(name):
+        if name not in chosen:
+            chosen.add(name)
+            for need in NEEDS.get(name, ()):
+                if need not in chosen and (need in only or not done(need)):
+                    add(need)
+    for name in only:
+        add(name)
+    return [name for name in names if name in chosen]
+
+
+def merged_rows(path, mode, rows, names):
+    """The rows of this run, with the rows of the other steps from the summary at `path` (a
+    previous run with the same mode), in plan order."""
+    try:
+        before = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        before = {}
+    new = {r["name"]: r for r in rows}
+    old = {r["name"]: r for r in before.get("steps", [])} if before.get("mode") == mode else {}
+    return [new.get(name) or old[name] for name in names if name in new or name in old]
+
+
 def markdown(s):
     m = s["machine"]
     gpus = ", ".join(m.get("gpus") or []) or "no GPU"
@@ -556,7 +681,9 @@ def markdown(s):
              f"{gpus}; torch {m.get('torch')} (CUDA {m.get('cuda')}), open_clip "
              f"{m.get('open_clip')}, Python {m.get('python')}, {m.get('cpu_count')} CPU cores; "
              f"{s['nproc']} process(es) under torchrun, {s['workers']} loader workers; "
-             f"{s['wall_s']:.0f} s of a {s['budget_s']:.0f} s budget; {m.get('date')}.", "",
+             f"{s['wall_s']:.0f} s of a {s['budget_s']:.0f} s budget"
+             + (f" (this run: {', '.join(s['only'])}; the other rows are the last run's)"
+                if s.get("only") else "") + f"; {m.get('date')}.", "",
              "images/s is end to end (process start-up, model load and extraction included); "
              "fine-tuning's steady rate is from its logged ms/step (first step left out).", "",
              "| step | status | wall s | images | images/s | fine-tuning images/s | "
@@ -616,30 +743,27 @@ def stage(script, argv):
 
 
 def allreduce_then_stage(device, script, argv):
-    """Under torchrun: one all-reduce over every process (NCCL on GPUs, gloo on the CPU) —
-    with one GPU the only collective that runs, as finetune.py needs no process group for one
-    process — then the stage itself (runs.dist_init finds the group already joined)."""
+    """Under torchrun: join the process group as the stages do (runs.dist_init: NCCL, one GPU
+    per process; or gloo where the processes share a GPU), one all-reduce of a tensor on this
+    process's device, then the stage itself (its runs.dist_init finds the group joined)."""
     import torch
     import torch.distributed as dist
+    sys.path.insert(0, str(ROOT))
+    import runs
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl")
-        t = torch.ones(1 << 20, device="cuda")
-    else:
-        dist.init_process_group("gloo")
-        t = torch.ones(1 << 10)
-    dist.all_reduce(t)
+    dev = runs.dist_init(device)
+    t = torch.ones(1 << 20 if dev.startswith("cuda") else 1 << 10, device=dev)
+    dist.all_reduce(t)                  # gloo all-reduces CUDA tensors too
     ok = bool((t == world).all())
-    print(f"rank {rank}/{world}: {dist.get_backend()} all-reduce of {t.numel()} ones gave "
-          f"{t[0].item():g} (expected {world}): {'ok' if ok else 'WRONG'}", flush=True)
+    print(f"rank {rank}/{world} on {dev}: {dist.get_backend()} all-reduce of {t.numel()} ones "
+          f"gave {t[0].item():g} (expected {world}): {'ok' if ok else 'WRONG'}", flush=True)
     if not ok:
         sys.exit(1)
     del t
     try:
         stage(script, argv)
     finally:
-        if dist.is_initialized():           # one process: finetune.py left the group alone
+        if dist.is_initialized():           # finetune.py's teardown left it already
             dist.destroy_process_group()
 
 

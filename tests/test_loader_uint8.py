@@ -155,3 +155,77 @@ def test_objectnet_border_crop_keeps_the_split():
     im = every_value_images(1)[0]
     cropped = im.crop((2, 2, im.width - 2, im.height - 2))
     assert torch.equal(bits(normalise(worker(im)[None])[0]), bits(ev(cropped)))
+
+
+def test_kept_images_are_decoded_once_with_workers(tiny_image_dataset, monkeypatch, tmp_path):
+    """No augmentation, 2 loader workers, a new loader every epoch (as finetune.py builds
+    them): each image is decoded in the first epoch only — the main process keeps what the
+    workers decoded, and the later epochs need no decoding — and every batch is byte-identical
+    to a loader that decodes every time. With room for 10 images, 10 are kept (in the main
+    process: the workers keep none) and the rest are decoded every epoch."""
+    ds = data.load_image_dataset(tiny_image_dataset, split="train")
+    ev = image_transform_v2(PreprocessCfg(size=32), is_train=False)
+    log, decode = tmp_path / "decoded", data.decode_rgb
+
+    def counted(cell):                  # one byte per decode, from whichever process decodes
+        with open(log, "ab") as f:
+            f.write(b".")
+        return decode(cell)
+
+    def epochs(images, workers):
+        """[(batches of the epoch, decodes during it)] for 3 epochs of 4 batches of 16."""
+        monkeypatch.setattr(data, "decode_rgb", counted)
+        out = []
+        for epoch in range(3):
+            log.write_bytes(b"")
+            batches = list(data.epoch_loader(images, 16, 0, epoch, 0, 4, workers=workers))
+            out.append((batches, len(log.read_bytes())))
+        monkeypatch.setattr(data, "decode_rgb", decode)
+        return out
+
+    reference = epochs(data.SeededImages(ds, ev), workers=0)
+    kept = data.SeededImages(ds, ev, keep=True)
+    with_workers = epochs(kept, workers=2)
+    assert [n for _, n in reference] == [64, 64, 64]
+    assert [n for _, n in with_workers] == [64, 0, 0]
+    for (a, _), (b, _) in zip(reference, with_workers):
+        assert len(a) == len(b) == 4
+        assert all(torch.equal(x, y) for p, q in zip(a, b) for x, y in zip(p, q))
+    assert len(kept.kept) == 64 and kept.kept[0][0].dtype == torch.uint8
+    monkeypatch.setattr(data, "KEEP_BYTES", 10 * 3 * 32 * 32)
+    few = data.SeededImages(ds, ev, keep=True)
+    assert [n for _, n in epochs(few, workers=2)] == [64, 54, 54] and len(few.kept) == 10
+
+
+def test_normalise_makes_its_constants_once_per_device(monkeypatch):
+    """Normalise's mean and std are made once per (device, dtype), not for every batch (on CUDA
+    each was a host-to-device copy that makes the host wait), with the same bits as
+    torchvision's ToTensor + Normalize; a pickled copy (a spawned worker's) carries none."""
+    import pickle
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    made, as_tensor = [], torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: made.append(1) or as_tensor(*a, **k))
+    n = data.Normalise(mean, std)
+    x = torch.randint(0, 256, (5, 2, 3, 4, 4), dtype=torch.uint8)
+    out = [n(b) for b in x]
+    assert len(made) == 2 and list(n.constants) == [(torch.device("cpu"), torch.float32)]
+    expect = T.Normalize(mean, std)
+    for b, o in zip(x, out):
+        assert torch.equal(bits(o), bits(torch.stack([expect(T.ToTensor()(
+            b_i.permute(1, 2, 0).numpy())) for b_i in b])))
+    assert pickle.loads(pickle.dumps(n)).constants == {}
+
+
+def test_cache_rows_go_to_a_gpu_through_pinned_memory_without_blocking(monkeypatch):
+    """data.take_rows(table, idx, device): table[idx]; to CUDA (stood in for here) gathered
+    into pinned memory and copied with non_blocking=True, so the host does not wait for the
+    GPU on every micro-batch."""
+    table, idx = torch.randn(10, 4), torch.tensor([7, 2, 2, 9])
+    assert torch.equal(data.take_rows(table, idx, "cpu"), table[idx])
+    calls, empty = [], torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k:
+                        calls.append(("pinned", pin_memory)) or empty(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False:
+                        calls.append(("to", str(device), non_blocking)) or self)
+    rows = data.take_rows(table, idx, "cuda:1")
+    assert calls == [("pinned", True), ("to", "cuda:1", True)] and torch.equal(rows, table[idx])

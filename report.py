@@ -408,12 +408,7 @@ def paired_gaps(curves, a, b, levels):
 def frontier_report(table, levels, curves=None):
     """Markdown: OOD mean ± std at each matched ID level per curve, then each pair's order (the
     curve above first); with `curves`, each pair's gap at every level, paired by seed."""
-    lines = ["| curve | " + " | ".join(f"OOD @ ID {lv:g}" for lv in levels) + " |",
-             "|---" * (len(levels) + 1) + "|"]
-    for name, row in table.items():
-        cells = ["–" if row[lv] is None else f"{row[lv][0]:.1f} ± {row[lv][1]:.1f} (n={row[lv][2]})"
-                 for lv in levels]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines = matched_table(table, levels, "OOD", lambda m, sd, n: f"{m:.1f} ± {sd:.1f} (n={n})")
     names = list(table)
     lines.append("")
     for j, first in enumerate(names):
@@ -444,13 +439,18 @@ def preservation_report(records, levels):
     table = matched_id({k: v for k, v in curves.items() if k != "none"}, levels)
     if not table:
         return "(no feature-preservation values: the results were evaluated without --sae)"
-    lines = ["| curve | " + " | ".join(f"pres. @ ID {lv:g}" for lv in levels) + " |",
+    return "\n".join(matched_table(table, levels, "pres.", lambda m, sd, n: f"{m:.3f} ± {sd:.3f}"))
+
+
+def matched_table(table, levels, what, cell):
+    """Markdown lines: one row per curve, one column per matched ID level, each cell
+    cell(mean, std, n) ("–" where no seed's curve reaches the level)."""
+    lines = ["| curve | " + " | ".join(f"{what} @ ID {lv:g}" for lv in levels) + " |",
              "|---" * (len(levels) + 1) + "|"]
     for name, row in table.items():
-        cells = ["–" if row[lv] is None else f"{row[lv][0]:.3f} ± {row[lv][1]:.3f}"
-                 for lv in levels]
+        cells = ["–" if row[lv] is None else cell(*row[lv]) for lv in levels]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def points_table(records):

@@ -95,12 +95,8 @@ class TopKSAE(nn.Module):
 
     def save(self, out_dir, meta=None):
         """Write <out_dir>/sae.safetensors + sae_config.json, each atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"d": self.d, "n": self.n, "k": self.k, **(meta or {})}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(out_dir / WEIGHTS, lambda p: save_file(tensors, p))
-        atomic_write(out_dir / CONFIG, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        save_folder(self, out_dir, (WEIGHTS, CONFIG),
+                    {"d": self.d, "n": self.n, "k": self.k, **(meta or {})})
 
     @classmethod
     def load(cls, sae_dir, device="cpu"):
@@ -155,13 +151,8 @@ class PCABasis(nn.Module):
 
     def save(self, out_dir, meta=None):
         """Write <out_dir>/pca.safetensors + pca_config.json, each atomically."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        config = {"kind": "pca", "d": self.d, "m": self.n, **(meta or {})}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        atomic_write(out_dir / PCA_WEIGHTS, lambda p: save_file(tensors, p))
-        atomic_write(out_dir / PCA_CONFIG,
-                     lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        save_folder(self, out_dir, (PCA_WEIGHTS, PCA_CONFIG),
+                    {"kind": "pca", "d": self.d, "m": self.n, **(meta or {})})
 
     @classmethod
     def load(cls, basis_dir, device="cpu"):
@@ -226,3 +217,13 @@ def geometric_median(x, iters=100, eps=1e-6):
             return m_new
         m = m_new
     return m
+
+
+def save_folder(module, out_dir, names, config):
+    """Write a frozen module's weights (safetensors) and its config (JSON) into out_dir under
+    names = (weights file, config file), each atomically: a crash leaves the old file or none."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    atomic_write(out_dir / names[0], lambda p: save_file(tensors, p))
+    atomic_write(out_dir / names[1], lambda p: Path(p).write_text(json.dumps(config, indent=2)))

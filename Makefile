@@ -120,12 +120,15 @@ notebook: .venv/installed
 # ---------------------------------------------------------------------------------------------
 # The ID–OOD frontier sweep (docs/toy-world.md: "When does SAE-FT beat L2?"): every method
 # as a curve over λ (WiSE-FT over α), 3 seeds, compared at matched ID accuracy. Resumable:
-# re-run the same command after a stop. `make frontier-ablations` sweeps the SAE-FT variants.
+# re-run the same command after a stop. `make frontier-ablations` sweeps the SAE-FT variants,
+# `make frontier-controls` the PCA-basis control and LDIFS (each sharing the runs already made).
 FRONTIER    ?= runs/frontier
 TAG         ?= main
 SEEDS       ?= 0 1 2
-FRONTIER_CURVES ?= l2|--reg l2|100 300 1000 3000\nsae-preserve|--reg sae-preserve|100 300 1000 3000 10000
-ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 3000 30000\npres-only|--reg sae-preserve --mu 0|300 3000 30000\nsae-sparse|--reg sae-sparse|300 3000 30000\nsae-preserve-remove|--reg sae-preserve-remove|300 3000 30000\nlam-mask-10|--reg sae-preserve --lam-mask 10|100 1000 10000
+FRONTIER_CURVES ?= l2|--reg l2|100 300 1000 3000 10000\nsae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 1000 3000 10000 30000
+ABLATION_CURVES ?= sae-preserve|--reg sae-preserve|100 300 1000 3000 10000\nres-only|--reg sae-preserve --lam-mask 0|300 1000 3000 10000 30000\npres-only|--reg sae-preserve --mu 0|300 3000 30000\nsae-sparse|--reg sae-sparse|300 3000 30000\nsae-preserve-remove|--reg sae-preserve-remove|300 3000 30000\nlam-mask-10|--reg sae-preserve --lam-mask 10|100 1000 10000
+# The controls (docs/toy-world.md): L_res through a PCA basis of the SAE's FVU, and LDIFS.
+CONTROL_CURVES ?= pca-res|--reg pca --lam-l1 0|3000 10000 30000 100000 300000\nldifs|--reg ldifs --no-cache-zero-shot|3000 10000 30000 100000 300000
 
 frontier: .venv/installed
 	$(RUN) toy_world.py --out $(WORLD) $(WORLD_FLAGS)
@@ -136,7 +139,10 @@ frontier: .venv/installed
 frontier-ablations: .venv/installed
 	$(MAKE) --no-print-directory frontier TAG=ablations FRONTIER_CURVES='$(ABLATION_CURVES)'
 
+frontier-controls: .venv/installed
+	$(MAKE) --no-print-directory frontier TAG=controls FRONTIER_CURVES='$(CONTROL_CURVES)'
+
 # demo-finetune-% and demo-report-% are not listed: make applies no pattern rule to a phony
 # target. No file has their names, so they run every time all the same.
 .PHONY: install test mutation demo demo-run demo-world demo-sae demo-evaluate frontier \
-        frontier-ablations lab tutorial notebook
+        frontier-ablations frontier-controls lab tutorial notebook

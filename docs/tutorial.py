@@ -1106,8 +1106,9 @@ lab.say(" ".join(" ".join(p.split()) for p in parts))
 # mechanism: every image holds its class's shape drawn large plus two small shapes of other
 # classes, so that the task gains from re-weighting shapes the zero-shot model already sees.
 # There, SAE-FT's *residual alignment alone* (`--lam-mask 0`) beats L2 at matched ID accuracy,
-# while the full `sae-preserve` does not ([the crowd world](toy-world.md#the-crowd-world),
-# [its frontiers](toy-world.md#results-the-frontiers-of-both-worlds)).
+# the full `sae-preserve` only slightly — and the same residual alignment through a PCA basis of
+# equal reconstruction quality, in the SAE's place, does better still ([the crowd
+# world](toy-world.md#the-crowd-world), [its frontiers and controls](toy-world.md#results-the-frontiers-of-both-worlds)).
 #
 # **What to try next**
 # * Run this lab on the crowd world (predict first: will SAE-FT beat L2 there?):
@@ -1115,8 +1116,9 @@ lab.say(" ".join(" ".join(p.split()) for p in parts))
 #   make lab` (or `make tutorial`, as a script); the world is drawn on the first run.
 # * Another seed, or a wider λ grid: `TUTORIAL_SEED=1`, `TUTORIAL_LAMBDAS="100 300 1000 3000 10000"`;
 #   another SAE-FT variant: `TUTORIAL_METHODS="l2 sae-preserve sae-sparse"`.
-# * The three-seed frontiers and every ablation of SAE-FT's terms: `make frontier`,
-#   `make frontier-ablations` ([how](toy-world.md#when-does-sae-ft-beat-l2-frontiers-not-points)).
+# * The three-seed frontiers, the controls (a PCA basis, LDIFS) and every ablation of SAE-FT's
+#   terms: `make frontier`, `make frontier-controls`, `make frontier-ablations`
+#   ([how](toy-world.md#when-does-sae-ft-beat-l2-frontiers-not-points)).
 # * Real CLIP models: [reproducing the paper](reproduce.md).
 #
 # **Read next**: the paper's §6 (ImageNet, its shifts, transfer, WILDS) with this lab's curves in

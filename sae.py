@@ -3,9 +3,9 @@
     z  = ReLU(TopK_k(W_enc (x̂ − b_dec) + b_enc)),   x̂ = x / ||x||     (encode)
     x̃ = W_dec z + b_dec                                                (decode)
 
-Beside it, its linear control (not in the paper; the authors' code has one): `PCABasis`, the top m
-principal directions P (d, m) of the same unit-normalised embeddings and their mean μ, with the
-SAE's interface (encode c = Pᵀ(x̂ − μ), decode x̃ = P c + μ, W_dec = P), so the regulariser runs
+Beside it, its linear control (not in the paper; the authors' code has one): `PCABasis`, the
+top m principal directions P (d, m) of the same unit-normalised embeddings and their mean μ, with
+the SAE's interface (encode c = Pᵀ(x̂ − μ), decode x̃ = P c + μ, W_dec = P), so the regulariser runs
 the same residual-alignment and sparse-change terms through it (losses.regulariser, --reg pca).
 
 It lives in its own small module (not in train_sae.py) because all three stages need it:
@@ -101,11 +101,7 @@ class TopKSAE(nn.Module):
     @classmethod
     def load(cls, sae_dir, device="cpu"):
         """Rebuild an SAE from its folder alone → (sae, config)."""
-        sae_dir = Path(sae_dir)
-        for name in (WEIGHTS, CONFIG):
-            if not (sae_dir / name).is_file():
-                raise FileNotFoundError(f"no {name} in {sae_dir}: pass the folder train_sae.py "
-                                        "wrote (its --out)")
+        sae_dir = require_files(sae_dir, (WEIGHTS, CONFIG), "train_sae.py")
         fix = "pass the folder train_sae.py wrote, or train the SAE again"
         config = load_json(sae_dir / CONFIG, "an SAE config (JSON with d, n, k)", fix)
         with reading(sae_dir / CONFIG, "an SAE config (JSON with d, n, k)", fix):
@@ -157,11 +153,8 @@ class PCABasis(nn.Module):
     @classmethod
     def load(cls, basis_dir, device="cpu"):
         """Rebuild a PCA basis from its folder alone → (basis, config)."""
-        basis_dir = Path(basis_dir)
-        for name in (PCA_WEIGHTS, PCA_CONFIG):
-            if not (basis_dir / name).is_file():
-                raise FileNotFoundError(f"no {name} in {basis_dir}: pass the folder "
-                                        "train_sae.py --basis pca wrote (its --out)")
+        basis_dir = require_files(basis_dir, (PCA_WEIGHTS, PCA_CONFIG),
+                                  "train_sae.py --basis pca")
         fix = "pass the folder train_sae.py --basis pca wrote, or fit the basis again"
         config = load_json(basis_dir / PCA_CONFIG, "a PCA basis config (JSON with d, m)", fix)
         weights = load_safetensors(basis_dir / PCA_WEIGHTS, "PCA basis (safetensors)", fix)
@@ -217,6 +210,17 @@ def geometric_median(x, iters=100, eps=1e-6):
             return m_new
         m = m_new
     return m
+
+
+def require_files(folder, names, writer):
+    """Path(folder), after checking it holds every file in `names` (else FileNotFoundError
+    naming the missing one and the command that writes the folder)."""
+    folder = Path(folder)
+    for name in names:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no {name} in {folder}: pass the folder {writer} wrote "
+                                    "(its --out)")
+    return folder
 
 
 def save_folder(module, out_dir, names, config):

@@ -300,11 +300,7 @@ def train(args):
         raise
 
     # ---- save + report
-    meta = {"model": args.model, "pretrained": args.pretrained,
-            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
-            "split": args.split, "n_train": N, "skipped_images": skipped,
-            "held_out": report, "args": vars(args)}
-    sae.save(args.out, meta)
+    sae.save(args.out, fitted_meta(args, N, skipped, report))
     runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
     os.replace(log, out / "train_log.jsonl")
     print(f"held-out: fvu {report['fvu']:.4f} | cos {report['cos']:.4f} | L0 {report['l0']:.1f} | "
@@ -525,16 +521,22 @@ def fit_basis(args, h_train, h_val, skipped):
         m = args.components
     basis = PCABasis(V[:, :m], mean)
     report.update(m=m, fvu=curve[m].item(), fvu_by_m=curve.tolist())
-    meta = {"model": args.model, "pretrained": args.pretrained,
-            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
-            "split": args.split, "n_train": len(h_train), "skipped_images": skipped,
-            "held_out": {k: report[k] for k in ("m", "fvu", "sae_fvu", "rule")},
-            "args": vars(args)}
-    basis.save(args.out, meta)
+    basis.save(args.out, fitted_meta(args, len(h_train), skipped,
+                                     {k: report[k] for k in ("m", "fvu", "sae_fvu", "rule")}))
     runs.write_json(Path(args.out) / "metrics.json", report, indent=2)
     versus = "" if report["sae_fvu"] is None else f" (the SAE's: {report['sae_fvu']:.4f})"
     print(f"PCA basis d={d} m={m} | held-out fvu {report['fvu']:.4f}{versus} | saved {args.out}")
     return report
+
+
+def fitted_meta(args, n_train, skipped, held_out):
+    """What an SAE's or a PCA basis's config records beside its shape: the model and data it
+    was fitted on (models.load_frozen_sae / load_frozen_basis check the model against it), its
+    held-out report and every setting."""
+    return {"model": args.model, "pretrained": args.pretrained,
+            "force_quick_gelu": args.force_quick_gelu, "train_data": args.train_data,
+            "split": args.split, "n_train": n_train, "skipped_images": skipped,
+            "held_out": held_out, "args": vars(args)}
 
 
 def sae_held_out_fvu(args, h_val, h_train):
